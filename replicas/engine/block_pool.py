@@ -1,0 +1,181 @@
+"""Paged KV cache: a fixed pool of blocks with reference counts and prefix caching (vLLM V1 semantics).
+
+::
+
+    request A  [b3][b7][b1]         block table: KV of tokens 0..3*block_size-1
+    request B  [b3][b9]             shares b3 (same first block hash), ref_cnt(b3) = 2
+    free queue  head -> [b4][b0][b8] ... [b2] <- tail     LRU: evict from the head, free to the tail
+
+* ``allocate(request, num_new_tokens, hit_blocks)`` gives the request slots for ``num_computed + hits +
+  num_new`` tokens, or returns None when the free queue cannot supply the blocks: the *scheduler* decides
+  what to preempt. Hit blocks with ref_cnt 0 sit in the free queue, so touching them consumes free capacity
+  (counted as vLLM does).
+* After allocation, every block that is full of tokens the request has (computed or being computed this
+  step) is registered under its chained hash. A freed block keeps its hash and stays findable until the
+  free queue hands it out again (eviction).
+* ``free(request)`` releases blocks in reverse order, so a request's tail blocks are evicted first.
+
+The pool never knows about policies; invariants are checked by ``check_invariants`` (tests).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+from replicas.engine.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_cnt = [0] * num_blocks
+        self.block_hash: list[int | None] = [None] * num_blocks
+        # OrderedDict, not dict: popping a plain dict's first key is O(n) once keys were deleted.
+        # The first key is the LRU head. Values unused.
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.req_blocks: dict[str, list[int]] = {}
+        self.req_num_hashed: dict[str, int] = {}  # leading blocks of the request already registered
+        self.num_evictions = 0
+
+    # ---- queries -------------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - len(self.free_queue) / self.num_blocks
+
+    def num_blocks_of(self, request: Request) -> int:
+        return len(self.req_blocks.get(request.request_id, ()))
+
+    def find_cached_prefix(self, request: Request) -> list[int]:
+        """Longest run of cached blocks matching the request's leading hashes.
+
+        At most ``num_tokens - 1`` tokens may hit: the last token must be computed to sample from it.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits = []
+        cached = self.cached
+        for h in request.block_hashes[:max_blocks]:
+            blk = cached.get(h)
+            if blk is None:
+                break
+            hits.append(blk)
+        return hits
+
+    def blocks_needed(self, request: Request, num_tokens: int, hit_blocks: Sequence[int] = ()) -> int:
+        """Free blocks consumed if the request is to hold slots for ``num_tokens`` tokens."""
+        have = len(self.req_blocks.get(request.request_id, ())) + len(hit_blocks)
+        new = max(cdiv(num_tokens, self.block_size) - have, 0)
+        ref = self.ref_cnt
+        return new + sum(1 for b in hit_blocks if ref[b] == 0)
+
+    # ---- mutation ------------------------------------------------------------------------------------
+    def allocate(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        hit_blocks: Sequence[int] = (),
+        *,
+        reserve: int = 0,
+    ) -> int | None:
+        """Slots for the request's computed tokens, its hits and ``num_new_tokens`` more.
+
+        Returns the number of blocks newly taken from the free queue, or None (nothing changed) when that
+        would leave fewer than ``reserve`` free blocks.
+        """
+        bs = self.block_size
+        num_computed = request.num_computed_tokens + len(hit_blocks) * bs
+        total = num_computed + num_new_tokens
+        needed = self.blocks_needed(request, total, hit_blocks)
+        if needed + reserve > len(self.free_queue):
+            return None
+        blocks = self.req_blocks.setdefault(request.request_id, [])
+        if hit_blocks:
+            # Hits only happen at admission, on a request holding no blocks; they are registered already.
+            self._touch(hit_blocks, blocks)
+            self.req_num_hashed[request.request_id] = len(hit_blocks)
+        for _ in range(cdiv(total, bs) - len(blocks)):
+            blocks.append(self._pop_free())
+        self._register_full_blocks(request, min(total, request.num_tokens))
+        return needed
+
+    def free(self, request: Request) -> None:
+        """Return the request's blocks; cached ones stay findable until evicted."""
+        blocks = self.req_blocks.pop(request.request_id, None)
+        self.req_num_hashed.pop(request.request_id, None)
+        if not blocks:
+            return
+        ref, free_queue = self.ref_cnt, self.free_queue
+        for blk in reversed(blocks):
+            ref[blk] -= 1
+            if ref[blk] == 0:
+                free_queue[blk] = None
+
+    # ---- internals -----------------------------------------------------------------------------------
+    def _touch(self, hit_blocks: Sequence[int], blocks: list[int]) -> None:
+        ref, free_queue = self.ref_cnt, self.free_queue
+        for blk in hit_blocks:
+            if ref[blk] == 0:
+                del free_queue[blk]
+            ref[blk] += 1
+            blocks.append(blk)
+
+    def _pop_free(self) -> int:
+        blk, _ = self.free_queue.popitem(last=False)
+        h = self.block_hash[blk]
+        if h is not None:
+            # Eviction: the block's cached content is gone.
+            self.block_hash[blk] = None
+            if self.cached.get(h) == blk:
+                del self.cached[h]
+            self.num_evictions += 1
+        self.ref_cnt[blk] = 1
+        return blk
+
+    def _register_full_blocks(self, request: Request, num_tokens: int) -> None:
+        if not self.enable_prefix_caching:
+            return
+        rid = request.request_id
+        start = self.req_num_hashed.get(rid, 0)
+        end = min(num_tokens // self.block_size, len(request.block_hashes))
+        if end <= start:
+            return
+        blocks, hashes, cached, block_hash = self.req_blocks[rid], request.block_hashes, self.cached, self.block_hash
+        for j in range(start, end):
+            h = hashes[j]
+            blk = blocks[j]
+            # A block reached through a hit is already registered; a duplicate computed elsewhere is not
+            # registered again (the first copy stays canonical, as in vLLM).
+            if block_hash[blk] is None and h not in cached:
+                cached[h] = blk
+                block_hash[blk] = h
+        self.req_num_hashed[rid] = end
+
+    # ---- test support --------------------------------------------------------------------------------
+    def check_invariants(self) -> None:
+        """Raise AssertionError when the pool's bookkeeping is inconsistent."""
+        owned: dict[int, int] = {}
+        for blocks in self.req_blocks.values():
+            assert len(set(blocks)) == len(blocks), "a request holds a block twice"
+            for blk in blocks:
+                owned[blk] = owned.get(blk, 0) + 1
+        for blk in range(self.num_blocks):
+            assert self.ref_cnt[blk] == owned.get(blk, 0), f"block {blk}: ref_cnt {self.ref_cnt[blk]}"
+            assert (blk in self.free_queue) == (self.ref_cnt[blk] == 0), f"block {blk}: free state"
+        assert len(self.free_queue) + len(owned) == self.num_blocks, "blocks not conserved"
+        for h, blk in self.cached.items():
+            assert self.block_hash[blk] == h, f"cached hash {h} points at block {blk} with another hash"

@@ -1,0 +1,396 @@
+"""The step scheduler: vLLM V1's algorithm with the policy decisions pulled out into hooks.
+
+Invariant: every step each scheduled request's ``num_computed_tokens`` catches up toward ``num_tokens``
+under one token budget (``max_num_batched_tokens``) and at most ``max_num_seqs`` running requests. When a
+request's computed tokens meet its token count, a token is sampled. Chunked prefill, decode, prefix hits and
+recompute after preemption all follow from that.
+
+One step (``schedule``):
+
+1. RUNNING, in order. Each request asks for ``num_tokens - num_computed_tokens`` tokens (capped by the
+   budget). If the block pool cannot give it slots, the policy picks a victim (``pick_victim``), which is
+   preempted by recompute: blocks freed, computed tokens reset, put at the front of the waiting queue. This
+   repeats until the allocation succeeds, the victim is the request itself, or the policy declines; then the
+   running loop stops for this step.
+2. WAITING, only if nothing was preempted this step. Requests are taken in the policy's order
+   (``order_waiting``); each gets a prefix-cache lookup (when it has no computed tokens), the policy's
+   verdict (``can_admit``) and an allocation (with vLLM's watermark when others are scheduled). The first
+   refusal ends admission for the step: head-of-line blocking, as in vLLM.
+
+``update_from_output`` then advances computed tokens, samples tokens and finishes requests. Executors that
+run identical pure-decode steps back to back can ask ``decode_run_limit`` how many such steps are certain to
+repeat and apply them at once with ``commit_decode_run``; the result equals stepping one at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from replicas.engine.block_pool import BlockPool, cdiv
+from replicas.engine.policies import Admission, EnginePolicy, FcfsPolicy
+from replicas.engine.request import Request, RequestStatus, hash_token_blocks
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Engine limits. Defaults follow vLLM V1 on a GPU."""
+
+    num_blocks: int
+    block_size: int = 16
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    max_model_len: int = 8192
+    watermark: float = 0.0
+    enable_prefix_caching: bool = True
+    long_prefill_token_threshold: int = 0
+
+    def __post_init__(self):
+        if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_num_batched_tokens and max_num_seqs must be positive")
+        if not 0.0 <= self.watermark < 1.0:
+            raise ValueError("watermark must be in [0, 1)")
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """One step's decisions."""
+
+    num_scheduled_tokens: dict[Request, int] = field(default_factory=dict)
+    computed_before: dict[Request, int] = field(default_factory=dict)
+    admitted: list[Request] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    waiting_blocked: bool = False  # admission stopped at a request that did not fit (or the seq cap)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.num_scheduled_tokens
+
+
+class Scheduler:
+    """Owns the waiting and running queues and the block pool; also serves as the policies' EngineView."""
+
+    def __init__(self, config: SchedulerConfig, policy: EnginePolicy | None = None):
+        self.config = config
+        self.policy = policy or FcfsPolicy()
+        self.pool = BlockPool(config.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
+        self.waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.now = 0.0
+        self.block_size = config.block_size
+        self.num_total_blocks = config.num_blocks
+        self.max_model_len = config.max_model_len
+        self.watermark_blocks = int(config.watermark * config.num_blocks)
+        self.num_preemptions = 0
+        self.num_steps = 0
+        self._admit_seq = 0
+
+    # ---- EngineView ----------------------------------------------------------------------------------
+    @property
+    def running(self) -> list[Request]:
+        return self._running
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def num_blocks_of(self, request: Request) -> int:
+        return self.pool.num_blocks_of(request)
+
+    def prompt_blocks(self, request: Request) -> int:
+        hits = len(self.pool.find_cached_prefix(request)) if request.num_computed_tokens == 0 else 0
+        return max(cdiv(request.num_tokens, self.block_size) - hits - self.pool.num_blocks_of(request), 0)
+
+    # ---- request lifecycle ---------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        if request.num_total_tokens_max > self.max_model_len:
+            raise ValueError(
+                f"request {request.request_id}: prompt {request.num_prompt_tokens} + max_tokens "
+                f"{request.max_tokens} exceeds max_model_len {self.max_model_len}"
+            )
+        if cdiv(request.num_total_tokens_max, self.block_size) > self.num_total_blocks:
+            raise ValueError(f"request {request.request_id} can never fit in {self.num_total_blocks} KV blocks")
+        if not request.block_hashes and request.prompt_token_ids is not None and self.config.enable_prefix_caching:
+            request.block_hashes = hash_token_blocks(request.prompt_token_ids, self.block_size)
+        request.extend_block_hashes(self.block_size)
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Drop a request wherever it is; its blocks return to the pool."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request.status == RequestStatus.RUNNING:
+            self._running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.pool.free(request)
+        request.status = RequestStatus.ABORTED
+        return request
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    def has_work(self) -> bool:
+        return bool(self._running or self.waiting)
+
+    # ---- one step ------------------------------------------------------------------------------------
+    def schedule(self, now: float | None = None) -> SchedulerOutput:
+        if now is not None:
+            self.now = now
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted:
+            self._schedule_waiting(out, budget)
+        self.num_steps += 1
+        return out
+
+    def _chunk(self, num_new: int, budget: int) -> int:
+        threshold = self.config.long_prefill_token_threshold
+        if 0 < threshold < num_new:
+            num_new = threshold
+        return min(num_new, budget)
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        running, pool, scheduled = self._running, self.pool, out.num_scheduled_tokens
+        i = 0
+        while i < len(running) and budget > 0:
+            request = running[i]
+            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            allocated = False
+            while True:
+                if pool.allocate(request, num_new) is not None:
+                    allocated = True
+                    break
+                victim = self.policy.pick_victim(running, self)
+                if victim is None:
+                    break  # the policy never preempts: the request waits, in place
+                victim_index = running.index(victim)
+                del running[victim_index]
+                if victim_index < i:
+                    i -= 1
+                if victim in scheduled:
+                    budget += scheduled.pop(victim)
+                    out.computed_before.pop(victim)
+                self._preempt(victim, out)
+                if victim is request:
+                    break
+            if not allocated:
+                break
+            scheduled[request] = num_new
+            out.computed_before[request] = request.num_computed_tokens
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        self.pool.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        out.preempted.append(request)
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        if not self.waiting:
+            return
+        order = self.policy.order_waiting(self.waiting, self)
+        admitted = out.admitted
+        for request in order:
+            if budget <= 0:
+                break
+            if len(self._running) >= self.config.max_num_seqs:
+                out.waiting_blocked = True
+                break
+            if not self._try_admit(request, budget, out):
+                out.waiting_blocked = True
+                break
+            budget -= out.num_scheduled_tokens[request]
+        self._remove_admitted(admitted)
+
+    def _try_admit(self, request: Request, budget: int, out: SchedulerOutput) -> bool:
+        pool, bs = self.pool, self.block_size
+        hits = pool.find_cached_prefix(request) if request.num_computed_tokens == 0 else []
+        num_hit = len(hits) * bs
+        num_new = self._chunk(request.num_tokens - request.num_computed_tokens - num_hit, budget)
+        computed = request.num_computed_tokens + num_hit
+        admission = Admission(
+            request=request,
+            num_hit_tokens=num_hit,
+            num_new_tokens=num_new,
+            blocks_now=pool.blocks_needed(request, computed + num_new, hits),
+            blocks_full=pool.blocks_needed(request, request.num_total_tokens_max, hits),
+        )
+        if not self.policy.can_admit(admission, self):
+            return False
+        # vLLM applies the watermark only when other requests are scheduled this step.
+        reserve = self.watermark_blocks if out.num_scheduled_tokens else 0
+        if pool.allocate(request, num_new, hits, reserve=reserve) is None:
+            return False
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_hit
+            request.first_admit_time = self.now
+        request.num_computed_tokens = computed
+        request.status = RequestStatus.RUNNING
+        request.admit_seq = self._admit_seq
+        self._admit_seq += 1
+        self._running.append(request)
+        out.num_scheduled_tokens[request] = num_new
+        out.computed_before[request] = computed
+        out.admitted.append(request)
+        return True
+
+    def _remove_admitted(self, admitted: list[Request]) -> None:
+        if not admitted:
+            return
+        waiting = self.waiting
+        # Fast path: FCFS admits from the front.
+        k = len(admitted)
+        if k <= len(waiting) and all(waiting[j] is admitted[j] for j in range(k)):
+            for _ in range(k):
+                waiting.popleft()
+            return
+        gone = set(map(id, admitted))
+        self.waiting = deque(r for r in waiting if id(r) not in gone)
+
+    # ---- after the step ------------------------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, now: float) -> list[Request]:
+        """Advance computed tokens, sample one token where computation caught up; return finished requests."""
+        self.now = now
+        finished = []
+        bs = self.block_size
+        for request, num in out.num_scheduled_tokens.items():
+            if request.status != RequestStatus.RUNNING:
+                continue  # aborted during the step
+            request.num_computed_tokens += num
+            if request.num_computed_tokens < request.num_tokens:
+                continue  # partial prefill chunk: nothing sampled
+            request.num_output_tokens += 1
+            if request.first_token_time is None:
+                request.first_token_time = now
+            if request.wants_stop():
+                finished.append(request)
+            elif request.num_tokens % bs == 0:
+                request.extend_block_hashes(bs)
+        for request in finished:
+            self._finish(request, now)
+        return finished
+
+    def _finish(self, request: Request, now: float) -> None:
+        request.status = RequestStatus.FINISHED
+        request.finish_time = now
+        self._running.remove(request)
+        self.pool.free(request)
+        del self.requests[request.request_id]
+
+    def policy_order_stable_until(self) -> float:
+        """Time until which the policy's waiting order cannot change by itself (aging bounds)."""
+        hook = getattr(self.policy, "order_stable_until", None)
+        if hook is None or not self.waiting:
+            return math.inf
+        return hook(self.waiting, self)
+
+    # ---- runs of identical decode steps --------------------------------------------------------------
+    def decode_run_limit(self, out: SchedulerOutput) -> int:
+        """How many steps, counting ``out``'s, are certain to repeat it: same requests, one token each.
+
+        1 means no run. The run ends at the first step in which a request finishes, a block allocation
+        would fail (a preemption step), or — for policies whose waiting order is not stable — a block is
+        allocated (memory use changes the order).
+        """
+        running = self._running
+        if out.preempted or out.admitted or len(out.num_scheduled_tokens) != len(running):
+            return 1
+        if out.waiting_blocked is False and self.waiting:
+            return 1  # budget ran out before admission was tried; keep it simple
+        limit = None
+        for request in running:
+            if out.num_scheduled_tokens.get(request) != 1 or request.num_output_tokens < 1:
+                return 1
+            left = request.max_tokens - request.num_output_tokens
+            if request.stop_after_tokens is not None:
+                left = min(left, request.stop_after_tokens - request.num_output_tokens)
+            limit = left if limit is None else min(limit, left)
+        if not limit or limit <= 1:
+            return 1
+        return self._block_limit(limit)
+
+    def _block_limit(self, limit: int) -> int:
+        """Cap ``limit`` so every block allocation inside the run succeeds (and, if unstable, at the first)."""
+        bs = self.block_size
+        pool = self.pool
+        free = pool.num_free_blocks
+        stable = self.policy.stable_order or not self.waiting
+        # Step i (0 = the step already scheduled) computes token index c + i and needs c + i + 1 slots.
+        crossings = []
+        for request in self._running:
+            c = request.num_computed_tokens  # before step 0
+            cap_slots = pool.num_blocks_of(request) * bs  # slots already held after step 0's allocation
+            first = cap_slots - c  # first step index needing a new block
+            if first < limit:
+                crossings.extend(range(first, limit, bs))
+        if not crossings:
+            return limit
+        crossings.sort()
+        if not stable:
+            # Admission in a step runs after that step's allocations, so the order may already change there.
+            return min(limit, crossings[0])
+        if len(crossings) > free:
+            return min(limit, crossings[free]) or 1
+        return limit
+
+    def commit_decode_run(self, out: SchedulerOutput, num_steps: int, now: float) -> list[Request]:
+        """Apply ``num_steps`` decode steps (``out`` being the first) and return finished requests."""
+        if num_steps <= 1:
+            return self.update_from_output(out, now)
+        self._allocate_run(num_steps)
+        bs = self.block_size
+        extra = num_steps - 1
+        finished = []
+        for request in self._running:
+            request.num_computed_tokens += num_steps
+            request.num_output_tokens += num_steps
+            if request.wants_stop():
+                finished.append(request)
+            else:
+                request.extend_block_hashes(bs)
+        self.num_steps += extra
+        self.now = now
+        for request in finished:
+            self._finish(request, now)
+        return finished
+
+    def _allocate_run(self, num_steps: int) -> None:
+        """Allocate blocks for steps 1..num_steps-1 in exactly the order stepping would (step, then queue)."""
+        bs, pool = self.block_size, self.pool
+        events = []
+        for index, request in enumerate(self._running):
+            c = request.num_computed_tokens
+            first = pool.num_blocks_of(request) * bs - c
+            for step in range(max(first, 1), num_steps, bs):
+                events.append((step, index, request))
+        events.sort(key=lambda e: (e[0], e[1]))
+        for step, _, request in events:
+            # Computed tokens before step `step` are c + step; the step needs one more slot.
+            saved = request.num_computed_tokens
+            request.num_computed_tokens = saved + step
+            request.num_output_tokens += step  # so the request's token count matches stepping
+            blocks = pool.allocate(request, 1)
+            request.num_computed_tokens = saved
+            request.num_output_tokens -= step
+            assert blocks is not None, "decode run allocation failed: decode_run_limit is wrong"

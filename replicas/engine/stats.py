@@ -1,0 +1,61 @@
+"""What a replica publishes for routers (Ray Serve's ``record_routing_stats``): one flat, JSON-able dict.
+
+Keys and meaning are ReplicaSnapshot's published fields (router/types.py):
+
+  num_running, num_waiting          requests in the engine
+  num_waiting_prompt_tokens         tokens still to prefill: waiting requests (incl. preempted ones, which
+                                    recompute) plus the unfinished prefill chunks of running requests
+  num_decode_tokens_remaining       sum over requests of the estimator's expected remaining output tokens
+  num_free_blocks, num_total_blocks, block_size
+  decode_cost_ratio                 latency model's decode-token cost in prefill-token equivalents at the
+                                    current batch size (1.0 without a latency model)
+  num_preemptions                   total so far
+  stats_time                        the replica's clock when published
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from replicas.engine.scheduler import Scheduler
+from router.estimate import OutputLengthEstimator
+
+STATS_KEYS = (
+    "num_running", "num_waiting", "num_waiting_prompt_tokens", "num_decode_tokens_remaining",
+    "num_free_blocks", "num_total_blocks", "block_size", "decode_cost_ratio", "num_preemptions", "stats_time",
+)
+
+
+def engine_stats(
+    scheduler: Scheduler, estimator: OutputLengthEstimator, *, now: float, latency: Any = None
+) -> dict[str, Any]:
+    waiting_tokens = 0
+    decode_left = 0.0
+    context = 0
+    remaining = estimator.expected_remaining
+    for r in scheduler.waiting:
+        waiting_tokens += r.num_tokens - r.num_computed_tokens
+        decode_left += remaining(r.max_tokens, r.num_output_tokens)
+    for r in scheduler.running:
+        left = r.num_tokens - r.num_computed_tokens
+        if left > 1:
+            waiting_tokens += left
+        decode_left += remaining(r.max_tokens, r.num_output_tokens)
+        context += r.num_computed_tokens
+    num_running = len(scheduler.running)
+    ratio = 1.0
+    if latency is not None:
+        batch = max(num_running, 1)
+        ratio = latency.decode_cost_ratio(batch, context / batch if num_running else 0.0)
+    return {
+        "num_running": num_running,
+        "num_waiting": len(scheduler.waiting),
+        "num_waiting_prompt_tokens": waiting_tokens,
+        "num_decode_tokens_remaining": decode_left,
+        "num_free_blocks": scheduler.num_free_blocks,
+        "num_total_blocks": scheduler.num_total_blocks,
+        "block_size": scheduler.block_size,
+        "decode_cost_ratio": ratio,
+        "num_preemptions": scheduler.num_preemptions,
+        "stats_time": now,
+    }

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The test command: set up ./.venv with the test extras and run the whole suite.
+# Extra arguments go to pytest (e.g. bash tests/run_all.sh -k router).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source deploy/setup_env.sh test
+set +e
+python -m pytest -q -ra "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "no tests collected" >&2
+  exit 1
+fi
+exit "$rc"
