@@ -1,0 +1,146 @@
+"""Microbenchmark: microseconds per ``choose`` call for every routing policy, by replica count.
+
+    python -m loadtest.bench_router [--calls N] [--replicas 4,16,64,256] [--seed S]
+
+Workload (seeded, built before timing):
+  snapshots  a few pre-built candidate lists per replica count with random published load (running, waiting,
+             waiting prompt tokens, decode tokens remaining, free KV blocks of 2048, decode cost ratio),
+             small local deltas, and ~2% replicas without stats (``stats_known`` False)
+  requests   16 prefix blocks of 128 tokens each: the first 1-16 blocks follow one of 200 shared "families"
+             (system prompts / conversations), the rest are unique; prompt = 16 blocks + a 0-127 token tail
+  index      ``prefix_aware`` and ``sal`` get their prefix index warmed through ``on_routed`` with
+             ``warm_requests`` requests routed to random replicas (a few thousand (hash, replica) entries)
+
+Timed: ``calls`` back-to-back ``choose`` calls (no hooks), repeated ``repeats`` times; the reported value is
+the median over repeats of total time / calls. The target is < 50 µs per call at 64 replicas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+from router.registry import POLICY_NAMES, make_policy
+from router.types import ReplicaSnapshot, RequestView
+
+BLOCK_TOKENS = 128
+NUM_BLOCKS = 16
+NUM_FAMILIES = 200
+SNAPSHOT_SETS = 8
+
+
+def make_snapshots(n: int, rng: random.Random) -> list[ReplicaSnapshot]:
+    """``n`` candidates with random, plausible load."""
+    return [
+        ReplicaSnapshot(
+            replica_id=f"replica-{i}",
+            num_running=rng.randint(0, 64),
+            num_waiting=rng.randint(0, 16),
+            num_waiting_prompt_tokens=rng.randint(0, 20_000),
+            num_decode_tokens_remaining=rng.uniform(0, 30_000),
+            num_free_blocks=rng.randint(0, 2048),
+            num_total_blocks=2048,
+            block_size=16,
+            decode_cost_ratio=rng.uniform(0.5, 4.0),
+            stats_time=0.0,
+            stats_known=rng.random() > 0.02,
+            local_outstanding=rng.randint(0, 8),
+            delta_requests=rng.randint(0, 2),
+            delta_prompt_tokens=rng.randint(0, 2_000),
+            delta_decode_tokens=rng.uniform(0, 500),
+        )
+        for i in range(n)
+    ]
+
+
+def make_requests(count: int, rng: random.Random) -> list[RequestView]:
+    """Requests whose first 1-16 prefix blocks are shared with one of ``NUM_FAMILIES`` families."""
+    families = [[rng.getrandbits(63) for _ in range(NUM_BLOCKS)] for _ in range(NUM_FAMILIES)]
+    requests = []
+    for k in range(count):
+        shared = rng.randint(1, NUM_BLOCKS)
+        hashes = families[rng.randrange(NUM_FAMILIES)][:shared]
+        hashes += [rng.getrandbits(63) for _ in range(NUM_BLOCKS - shared)]
+        requests.append(
+            RequestView(
+                request_id=f"req-{k}",
+                num_prompt_tokens=NUM_BLOCKS * BLOCK_TOKENS + rng.randrange(BLOCK_TOKENS),
+                max_tokens=rng.choice((128, 256, 1024, 4096)),
+                prefix_hashes=tuple(hashes),
+                prefix_block_size=BLOCK_TOKENS,
+            )
+        )
+    return requests
+
+
+def bench_one(name: str, n: int, calls: int, seed: int, repeats: int, warm_requests: int) -> dict:
+    """Median µs per ``choose`` of policy ``name`` over ``n`` candidates."""
+    rng = random.Random(seed * 1_000_003 + n)
+    snapshot_sets = [make_snapshots(n, rng) for _ in range(SNAPSHOT_SETS)]
+    requests = make_requests(calls + warm_requests, rng)
+    policy = make_policy(name)
+    ids = [r.replica_id for r in snapshot_sets[0]]
+    for request in requests[calls:]:  # warm the prefix index (no-op for stateless policies)
+        policy.on_routed(request, ids[rng.randrange(n)], now=0.0)
+    index = getattr(policy, "index", None)
+    work = [(requests[k], snapshot_sets[k % SNAPSHOT_SETS]) for k in range(calls)]
+    choose, pick_rng = policy.choose, random.Random(seed)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter_ns()
+        for request, replicas in work:
+            choose(request, replicas, now=0.0, rng=pick_rng)
+        samples.append((time.perf_counter_ns() - start) / calls / 1000.0)
+    return {
+        "policy": name,
+        "replicas": n,
+        "us_per_call": statistics.median(samples),
+        "index_entries": len(index) if index is not None else 0,
+    }
+
+
+def run(
+    replica_counts: tuple[int, ...] = (4, 16, 64, 256),
+    calls: int = 2000,
+    seed: int = 0,
+    repeats: int = 5,
+    warm_requests: int = 500,
+) -> list[dict]:
+    """One row per policy x replica count: ``policy``, ``replicas``, ``us_per_call``, ``index_entries``."""
+    return [
+        bench_one(name, n, calls, seed, repeats, warm_requests)
+        for name in POLICY_NAMES
+        for n in replica_counts
+    ]
+
+
+def format_table(rows: list[dict]) -> str:
+    """Policies as rows, replica counts as columns, µs per call."""
+    counts = sorted({row["replicas"] for row in rows})
+    cell = {(row["policy"], row["replicas"]): row["us_per_call"] for row in rows}
+    names = list(dict.fromkeys(row["policy"] for row in rows))
+    lines = [f"{'policy':<16}" + "".join(f"{f'n={n}':>10}" for n in counts)]
+    for name in names:
+        lines.append(f"{name:<16}" + "".join(f"{cell[name, n]:>10.1f}" for n in counts))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--replicas", default="4,16,64,256", help="comma-separated replica counts")
+    parser.add_argument("--calls", type=int, default=2000, help="choose calls per repeat")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    counts = tuple(int(x) for x in args.replicas.split(","))
+    rows = run(counts, calls=args.calls, seed=args.seed)
+    print("microseconds per choose call (median of 5 repeats)")
+    print(format_table(rows))
+    entries = {row["replicas"]: row["index_entries"] for row in rows if row["index_entries"]}
+    if entries:
+        print("prefix index entries after warm-up, by replica count:", entries)
+
+
+if __name__ == "__main__":
+    main()

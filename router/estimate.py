@@ -1,0 +1,68 @@
+"""Output-length estimate: an online mean of observed output lengths with a prior.
+
+    mean = (prior_mean * prior_weight + sum(observed)) / (prior_weight + count(observed))
+
+``prior_mean`` (tokens, > 0; default 256) is what the estimate is before anything finished, and
+``prior_weight`` (>= 0; default 8) is how many observations the prior is worth: with 8 the first real
+observations move the mean quickly but one outlier does not swing it to an extreme.
+
+Expected remaining decode tokens of a request that has generated ``generated`` tokens:
+
+    expected_remaining(max_tokens, generated) =
+        0                                   if generated >= max_tokens     (it is finishing)
+        min(mean, max_tokens) - generated   if that is >= 1
+        1                                   otherwise
+
+The last case: a request that has outlived the mean is still running, so it will produce at least one more
+token; estimating 0 would make a long-running request look free. (A heavier-tailed model would say "about
+another mean"; 1 keeps the estimate conservative and simple.)
+
+One object serves every caller of a policy: SAL's ``expected_decode_tokens(request)`` is
+``expected_remaining(request.max_tokens, 0)``, and the simulator and the Ray adapter call it to fill
+``delta_decode_tokens`` for the requests they route, so a router's deltas and its decisions share one
+estimate.
+A replica computing ``num_decode_tokens_remaining`` can use the same class for the same definition.
+"""
+
+from __future__ import annotations
+
+
+class OutputLengthEstimator:
+    """Online mean of output lengths, seeded with a prior; updated only by ``observe``."""
+
+    __slots__ = ("prior_mean", "prior_weight", "_sum", "_count")
+
+    def __init__(self, prior_mean: float = 256.0, prior_weight: float = 8.0) -> None:
+        if not prior_mean > 0:
+            raise ValueError(f"prior_mean must be > 0, got {prior_mean}")
+        if not prior_weight >= 0:
+            raise ValueError(f"prior_weight must be >= 0, got {prior_weight}")
+        self.prior_mean = float(prior_mean)
+        self.prior_weight = float(prior_weight)
+        self._sum = 0.0
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        """Observations so far."""
+        return self._count
+
+    @property
+    def mean(self) -> float:
+        """Current estimate of a request's output length, in tokens."""
+        weight = self.prior_weight + self._count
+        if weight == 0:  # no prior and no observation yet
+            return self.prior_mean
+        return (self.prior_mean * self.prior_weight + self._sum) / weight
+
+    def observe(self, num_output_tokens: int) -> None:
+        """Feed one finished request's output length (negative values are clamped to 0)."""
+        self._sum += max(num_output_tokens, 0)
+        self._count += 1
+
+    def expected_remaining(self, max_tokens: int, generated: int = 0) -> float:
+        """Expected decode tokens still to come for a request (see the module docstring)."""
+        if generated >= max_tokens:
+            return 0.0
+        remaining = min(self.mean, max_tokens) - generated
+        return remaining if remaining >= 1.0 else 1.0

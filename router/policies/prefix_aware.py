@@ -1,0 +1,106 @@
+"""``prefix_aware``: prefix-cache affinity unless load is imbalanced (the SGLang cache-aware router / Ray
+``PrefixCacheAffinityRouter`` / llm-d prefix-scorer family).
+
+Load of replica i: ``load_i = outstanding_requests`` (``ReplicaSnapshot.outstanding_requests``; the local
+count when ``stats_known`` is False). Over the candidates, with ``hi = max load_i`` and ``lo = min load_i``:
+
+    imbalanced  <=>  hi - lo > abs_threshold  and  hi > rel_threshold * lo
+
+* imbalanced: rank by ascending load (cache affinity yields to load; both thresholds must trip, so a small
+  cluster with a few requests never counts as imbalanced and an idle replica next to a busy one does).
+* otherwise: ``m_i`` = blocks of the request's prefix this router sent to i (``PrefixIndex.match``: the
+  longest chained-hash prefix per replica), with ``m_i < min_match_blocks`` counted as 0; rank by
+  ``(-m_i, load_i)``: longest match first, ties on match by lower load, then the rest (m_i = 0) by load.
+
+Remaining ties in uniformly random order from ``rng``.
+
+The index is this router's view (what it sent, not what the replica still caches): bounded to
+``max_index_entries`` (hash, replica) pairs with LRU eviction, updated by ``on_routed`` (inserts the
+request's prefix for the chosen replica) and ``on_replica_removed`` (forgets the replica).
+
+Params (``PrefixAwareParams``):
+  abs_threshold      int >= 0,   default 32     requests; SGLang's original router default (its newer
+                                                sgl-model-gateway uses 64)
+  rel_threshold      float >= 1, default 1.5    SGLang model gateway default
+  min_match_blocks   int >= 1,   default 1      shorter matches count as none (SGLang instead uses a match
+                                                *ratio*, ``cache_threshold``; a block count needs no
+                                                prompt text)
+  max_index_entries  int >= 1,   default 65536  (hash, replica) pairs kept; ~ cluster KV capacity in
+                                                prefix blocks is a good size
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from router.policies import outstanding, rank_ascending
+from router.prefix_index import PrefixIndex
+from router.types import Completion, ReplicaSnapshot, RequestView, Rng, Tiers
+
+NAME = "prefix_aware"
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixAwareParams:
+    """Thresholds and index size of ``prefix_aware`` (see the module docstring)."""
+
+    abs_threshold: int = 32
+    rel_threshold: float = 1.5
+    min_match_blocks: int = 1
+    max_index_entries: int = 65536
+
+    def __post_init__(self) -> None:
+        if self.abs_threshold < 0:
+            raise ValueError(f"abs_threshold must be >= 0, got {self.abs_threshold}")
+        if self.rel_threshold < 1.0:
+            raise ValueError(f"rel_threshold must be >= 1, got {self.rel_threshold}")
+        if self.min_match_blocks < 1:
+            raise ValueError(f"min_match_blocks must be >= 1, got {self.min_match_blocks}")
+        if self.max_index_entries < 1:
+            raise ValueError(f"max_index_entries must be >= 1, got {self.max_index_entries}")
+
+
+def is_imbalanced(lo: int, hi: int, params: PrefixAwareParams) -> bool:
+    """Both thresholds exceeded: load wins over cache affinity."""
+    return hi - lo > params.abs_threshold and hi > params.rel_threshold * lo
+
+
+class PrefixAwarePolicy:
+    """Longest router-known prefix match, unless outstanding requests are imbalanced."""
+
+    __slots__ = ("params", "index")
+    name = NAME
+
+    def __init__(self, params: PrefixAwareParams | None = None) -> None:
+        self.params = params or PrefixAwareParams()
+        self.index = PrefixIndex(self.params.max_index_entries)
+
+    def choose(
+        self, request: RequestView, replicas: Sequence[ReplicaSnapshot], *, now: float, rng: Rng
+    ) -> Tiers:
+        if not replicas:
+            return []
+        loads = list(map(outstanding, replicas))
+        ids = [r.replica_id for r in replicas]
+        if is_imbalanced(min(loads), max(loads), self.params):
+            return rank_ascending(loads, ids, rng)
+        matched = self.index.match(request.prefix_hashes) if request.prefix_hashes else None
+        if not matched:
+            return rank_ascending(loads, ids, rng)
+        get, floor, rnd = matched.get, self.params.min_match_blocks, rng.random
+        keys = []
+        for rid, load in zip(ids, loads):
+            blocks = get(rid, 0)
+            keys.append((-blocks if blocks >= floor else 0, load, rnd(), rid))
+        keys.sort()
+        return [[k[3]] for k in keys]
+
+    def on_routed(self, request: RequestView, replica_id: str, *, now: float) -> None:
+        self.index.insert(request.prefix_hashes, replica_id)
+
+    def on_finished(self, completion: Completion) -> None:
+        pass
+
+    def on_replica_removed(self, replica_id: str) -> None:
+        self.index.remove_replica(replica_id)

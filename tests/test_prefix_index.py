@@ -1,0 +1,134 @@
+"""PrefixIndex: longest match per replica, LRU bound, refresh, remove_replica, read-only match."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from router.prefix_index import PrefixIndex
+
+
+def index_with(*sent: tuple[tuple[int, ...], str], max_entries: int = 1000) -> PrefixIndex:
+    """An index after routing each (prefix_hashes, replica) in order."""
+    index = PrefixIndex(max_entries)
+    for hashes, replica in sent:
+        index.insert(hashes, replica)
+    return index
+
+
+@pytest.mark.parametrize(
+    ("sent", "query", "expected"),
+    [
+        pytest.param([], (1, 2, 3), {}, id="empty-index"),
+        pytest.param([((1, 2, 3), "a")], (), {}, id="empty-query"),
+        pytest.param([((1, 2, 3), "a")], (1, 2, 3), {"a": 3}, id="full-match"),
+        pytest.param([((1, 2, 3), "a")], (1, 2, 9), {"a": 2}, id="diverges-at-3"),
+        pytest.param([((1, 2, 3), "a")], (1, 2, 3, 4, 5), {"a": 3}, id="query-longer"),
+        pytest.param([((1, 2, 3), "a")], (7, 8), {}, id="no-match"),
+        pytest.param(
+            [((1, 2, 3, 4), "a"), ((1, 2), "b"), ((1,), "c")],
+            (1, 2, 3, 4),
+            {"a": 4, "b": 2, "c": 1},
+            id="longest-per-replica",
+        ),
+        pytest.param(
+            [((1,), "a"), ((1, 2, 3), "a")], (1, 2, 3), {"a": 3}, id="same-replica-longest-wins"
+        ),
+        pytest.param([((1, 2, 3), "a"), ((1, 2, 3), "b")], (1, 2), {"a": 2, "b": 2}, id="two-holders"),
+    ],
+)
+def test_match_longest_prefix_per_replica(sent, query, expected):
+    assert index_with(*sent).match(query) == expected
+
+
+def test_match_counts_deepest_hash_without_contiguity():
+    # Chained hashes: holding hash k means the replica was sent blocks 0..k, even if the entry for a
+    # shallower block was evicted.
+    index = index_with(((1, 2, 3), "a"))
+    index._drop(1, "a")  # simulate an eviction of the head only
+    assert index.match((1, 2, 3)) == {"a": 3}
+
+
+def test_lru_bound_evicts_oldest_pairs():
+    index = index_with(((1, 2), "a"), ((3, 4), "b"), max_entries=3)
+    assert len(index) == 3
+    # insert order was (2,a), (1,a), (4,b), (3,b): the oldest (2, "a") went first
+    assert (2, "a") not in index
+    assert index.match((1, 2)) == {"a": 1}
+    assert index.match((3, 4)) == {"b": 2}
+    index.check_invariants()
+
+
+def test_insert_deepest_first_so_shared_head_survives_eviction():
+    index = index_with(((1, 2, 3, 4), "a"), max_entries=2)
+    assert index.pairs() == [(2, "a"), (1, "a")]
+    assert index.match((1, 9)) == {"a": 1}
+
+
+def test_reinsert_refreshes_recency():
+    index = index_with(((1,), "a"), ((2,), "b"), max_entries=2)
+    index.insert((1,), "a")  # refresh: (2, b) is now the oldest
+    index.insert((3,), "c")
+    assert index.match((1,)) == {"a": 1}
+    assert index.match((2,)) == {}
+    assert index.match((3,)) == {"c": 1}
+    index.check_invariants()
+
+
+def test_match_is_read_only():
+    index = index_with(((1, 2), "a"), ((3,), "b"), max_entries=3)
+    before = index.pairs()
+    index.match((1, 2))
+    assert index.pairs() == before
+
+
+def test_remove_replica_forgets_only_that_replica():
+    index = index_with(((1, 2, 3), "a"), ((1, 2), "b"))
+    index.remove_replica("a")
+    assert index.match((1, 2, 3)) == {"b": 2}
+    assert index.replicas() == {"b"}
+    assert len(index) == 2
+    index.remove_replica("a")  # idempotent
+    index.remove_replica("never-seen")
+    index.check_invariants()
+
+
+def test_empty_insert_is_a_no_op():
+    index = index_with(((), "a"))
+    assert len(index) == 0 and index.replicas() == set()
+    index.check_invariants()
+
+
+def test_max_entries_must_be_positive():
+    with pytest.raises(ValueError, match="max_entries"):
+        PrefixIndex(0)
+
+
+ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("insert"), st.lists(st.integers(0, 12), max_size=6), st.sampled_from("abcd")),
+        st.tuples(st.just("remove"), st.just([]), st.sampled_from("abcd")),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=ops, max_entries=st.integers(1, 10))
+def test_invariants_and_bound_hold_under_any_sequence(ops, max_entries):
+    index = PrefixIndex(max_entries)
+    for op, hashes, replica in ops:
+        if op == "insert":
+            index.insert(tuple(hashes), replica)
+        else:
+            index.remove_replica(replica)
+        index.check_invariants()
+    # match agrees with a brute-force reading of the pairs
+    query = tuple(range(13))
+    pairs = set(index.pairs())
+    expected = {}
+    for depth in range(len(query), 0, -1):
+        for _, replica in {p for p in pairs if p[0] == query[depth - 1]}:
+            expected.setdefault(replica, depth)
+    assert index.match(query) == expected
