@@ -1,0 +1,211 @@
+"""Offline cluster simulator: N simulated replicas on one virtual clock, routed by the very policy objects the
+Ray Serve router runs.
+
+Events, in time order (ties: stats refresh, then completions, then the arrival):
+
+* stats refresh every ``stats_period_s``: each replica publishes ``engine_stats`` (as
+  ``record_routing_stats`` does in Serve); routers only ever see the latest published dict, so their view is
+  stale by up to one period. ``stats_period_s = 0`` gives routers exact, current stats (perfect information).
+* arrival: every replica runs up to the arrival time; completions reach the router that routed them
+  (``on_finished`` + local accounting); the arrival's router (round-robin over ``num_routers`` routers, each
+  with its own policy state, RNG and accounting, as Serve runs one router per proxy/ingress process) builds
+  snapshots, calls ``policy.choose`` and sends the request to the first tier.
+
+Everything is deterministic for a seed: no wall clock, no global RNG, ordered containers only.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+from loadtest.metrics import RequestRecord, Slo, summarize
+from loadtest.traces import TraceRequest
+from replicas.engine.policies import make_engine_policy
+from replicas.engine.request import Request, hash_trace_blocks
+from replicas.engine.scheduler import Scheduler, SchedulerConfig
+from replicas.engine.stats import engine_stats
+from replicas.sim.latency import LatencyModel
+from replicas.sim.virtual import SimReplica
+from router.accounting import RouterAccounting
+from router.estimate import OutputLengthEstimator
+from router.registry import make_policy
+from router.types import Completion, RequestView
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """One simulated fleet. Every field is a CLI flag of ``halffull simulate``."""
+
+    num_replicas: int = 4
+    router: str = "sal"
+    router_params: dict = field(default_factory=dict)
+    engine_policy: str = "fcfs"
+    engine_params: dict = field(default_factory=dict)
+    gpu: str = "h100"
+    model: str = "llama3-8b"
+    tp: int | None = None
+    block_size: int = 16
+    num_blocks: int | None = None  # None: from the latency model's KV capacity
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    stats_period_s: float = 0.5
+    num_routers: int = 1
+    prefix_block_size: int = 512  # router-side prefix hash granularity (the trace's block size)
+    seed: int = 0
+    jump: bool = True
+
+    def __post_init__(self):
+        if self.num_replicas < 1 or self.num_routers < 1:
+            raise ValueError("num_replicas and num_routers must be >= 1")
+        if self.stats_period_s < 0:
+            raise ValueError("stats_period_s must be >= 0")
+
+
+@dataclass
+class SimResult:
+    config: ClusterConfig
+    summary: dict[str, Any]
+    records: list[RequestRecord]
+    per_replica: list[dict[str, Any]]
+    sim_wall_s: float
+
+
+class _Router:
+    def __init__(self, cfg: ClusterConfig, index: int):
+        self.policy = make_policy(cfg.router, cfg.router_params)
+        self.rng = random.Random(cfg.seed * 1000 + index)
+        self.accounting = RouterAccounting()
+        expected = getattr(self.policy, "expected_decode_tokens", None)
+        fallback = OutputLengthEstimator()
+        self.expected_decode = expected or (lambda view: fallback.expected_remaining(view.max_tokens, 0))
+
+
+class ClusterSim:
+    def __init__(self, cfg: ClusterConfig, *, slo: Slo = Slo()):
+        self.cfg = cfg
+        self.slo = slo
+        self.latency = LatencyModel.from_profile(cfg.gpu, cfg.model, cfg.tp)
+        num_blocks = cfg.num_blocks or self.latency.num_kv_blocks(cfg.block_size)
+        self.sched_config = SchedulerConfig(
+            num_blocks=num_blocks, block_size=cfg.block_size, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_num_seqs=cfg.max_num_seqs, max_model_len=self.latency.model.max_model_len,
+        )
+        self.replicas = [
+            SimReplica(f"replica-{i}", Scheduler(self.sched_config, make_engine_policy(cfg.engine_policy, cfg.engine_params)),
+                       self.latency, jump=cfg.jump)
+            for i in range(cfg.num_replicas)
+        ]
+        self.by_id = {r.replica_id: r for r in self.replicas}
+        self.estimators = {r.replica_id: OutputLengthEstimator() for r in self.replicas}
+        self.routers = [_Router(cfg, i) for i in range(cfg.num_routers)]
+        self.published: dict[str, dict] = {}
+        self.owner: dict[str, _Router] = {}  # request id -> router that routed it
+        self.records: dict[str, RequestRecord] = {}
+        self.num_rejected = 0
+
+    # ---- building blocks -----------------------------------------------------------------------------
+    def make_request(self, tr: TraceRequest) -> Request:
+        hashes = hash_trace_blocks(tr.hash_ids, tr.num_prompt_tokens, self.cfg.block_size) if tr.hash_ids else ()
+        return Request(tr.request_id, tr.num_prompt_tokens, tr.num_output_tokens, tr.arrival_s,
+                       priority=tr.priority, block_hashes=hashes)
+
+    def request_view(self, tr: TraceRequest) -> RequestView:
+        return RequestView(tr.request_id, tr.num_prompt_tokens, tr.num_output_tokens, tr.arrival_s,
+                           prefix_hashes=tuple(tr.hash_ids), prefix_block_size=self.cfg.prefix_block_size)
+
+    def publish(self, now: float) -> None:
+        for rep in self.replicas:
+            self.published[rep.replica_id] = engine_stats(
+                rep.scheduler, self.estimators[rep.replica_id], now=now, latency=self.latency)
+
+    def advance_all(self, t: float) -> None:
+        for rep in self.replicas:
+            for req in rep.advance_to(t):
+                self._complete(rep.replica_id, req)
+
+    def _complete(self, replica_id: str, req: Request) -> None:
+        self.estimators[replica_id].observe(req.num_output_tokens)
+        rec = self.records[req.request_id]
+        rec.first_token_s, rec.finish_s = req.first_token_time, req.finish_time
+        rec.num_output_tokens, rec.num_preemptions = req.num_output_tokens, req.num_preemptions
+        rec.num_cached_prompt_tokens = max(req.num_cached_tokens, 0)
+        router = self.owner.pop(req.request_id)
+        router.accounting.on_finished(req.request_id)
+        router.policy.on_finished(Completion(req.request_id, replica_id, req.num_prompt_tokens,
+                                             req.num_output_tokens, req.finish_time or 0.0))
+
+    def route(self, tr: TraceRequest, index: int) -> str:
+        router = self.routers[index % len(self.routers)]
+        t = tr.arrival_s
+        if self.cfg.stats_period_s == 0:
+            self.publish(t)
+        view = self.request_view(tr)
+        snapshots = [router.accounting.snapshot(r.replica_id, self.published.get(r.replica_id)) for r in self.replicas]
+        tiers = router.policy.choose(view, snapshots, now=t, rng=router.rng)
+        replica_id = tiers[0][0] if tiers and tiers[0] else self.replicas[0].replica_id
+        router.policy.on_routed(view, replica_id, now=t)
+        router.accounting.on_routed(tr.request_id, replica_id, now=t, prompt_tokens=tr.num_prompt_tokens,
+                                    decode_tokens=router.expected_decode(view))
+        self.owner[tr.request_id] = router
+        return replica_id
+
+    # ---- the run -------------------------------------------------------------------------------------
+    def run(self, trace: Sequence[TraceRequest], progress: Callable[[int, int], None] | None = None) -> SimResult:
+        start = time.perf_counter()
+        period = self.cfg.stats_period_s
+        self.publish(0.0)
+        next_refresh = period if period > 0 else math.inf
+        for i, tr in enumerate(trace):
+            t = tr.arrival_s
+            while next_refresh <= t:
+                self.advance_all(next_refresh)
+                self.publish(next_refresh)
+                next_refresh += period
+            self.advance_all(t)
+            self._admit(tr, i)
+            if progress is not None and i % 1000 == 0:
+                progress(i, len(trace))
+        self.advance_all(math.inf)
+        wall = time.perf_counter() - start
+        records = list(self.records.values())
+        summary = summarize(records, slo=self.slo)
+        summary["rejected"] = self.num_rejected
+        summary["sim_wall_s"] = wall
+        summary["sim_requests_per_s"] = len(records) / wall if wall > 0 else 0.0
+        return SimResult(self.cfg, summary, records, self._per_replica(), wall)
+
+    def _admit(self, tr: TraceRequest, index: int) -> None:
+        rec = RequestRecord(tr.request_id, tr.arrival_s, None, None, tr.num_prompt_tokens, 0)
+        self.records[tr.request_id] = rec
+        request = self.make_request(tr)
+        replica_id = self.route(tr, index)
+        rec.replica = replica_id
+        try:
+            self.by_id[replica_id].add_request(request, tr.arrival_s)
+        except ValueError as exc:  # too long for the model: the server would answer 400
+            rec.error = str(exc)
+            self.num_rejected += 1
+            router = self.owner.pop(tr.request_id)
+            router.accounting.on_finished(tr.request_id)
+
+    def _per_replica(self) -> list[dict[str, Any]]:
+        counts: dict[str, int] = {}
+        for rec in self.records.values():
+            counts[rec.replica] = counts.get(rec.replica, 0) + 1
+        return [
+            {"replica": r.replica_id, "requests": counts.get(r.replica_id, 0), "busy_s": r.busy_time,
+             "steps": r.scheduler.num_steps, "preemptions": r.scheduler.num_preemptions}
+            for r in self.replicas
+        ]
+
+
+def simulate(trace: Iterable[TraceRequest], cfg: ClusterConfig, **kw) -> SimResult:
+    return ClusterSim(cfg, **kw).run(list(trace))
+
+
+def config_dict(cfg: ClusterConfig) -> dict[str, Any]:
+    return asdict(cfg)
