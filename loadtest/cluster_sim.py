@@ -50,8 +50,8 @@ class ClusterConfig:
     tp: int | None = None
     block_size: int = 16
     num_blocks: int | None = None  # None: from the latency model's KV capacity
-    max_num_batched_tokens: int = 8192
-    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # None: vLLM's default for the GPU (vllm_engine_defaults)
+    max_num_seqs: int | None = None
     stats_period_s: float = 0.5
     num_routers: int = 1
     prefix_block_size: int = 512  # router-side prefix hash granularity (the trace's block size)
@@ -74,6 +74,20 @@ class SimResult:
     sim_wall_s: float
 
 
+def vllm_engine_defaults(latency: LatencyModel) -> tuple[int, int]:
+    """(max_num_batched_tokens, max_num_seqs) that vLLM's OpenAI server picks for this GPU.
+
+    From vLLM's EngineArgs (vllm/engine/arg_utils.py, 0.32): >= 160 GiB: 16384 / 1024; >= 70 GiB and not
+    an A100: 8192 / 1024; otherwise 2048 / 256.
+    """
+    gib = latency.gpu.memory_bytes / 2**30
+    if gib >= 160:
+        return 16384, 1024
+    if gib >= 70 and "a100" not in latency.gpu.name.lower():
+        return 8192, 1024
+    return 2048, 256
+
+
 class _Router:
     def __init__(self, cfg: ClusterConfig, index: int):
         self.policy = make_policy(cfg.router, cfg.router_params)
@@ -90,9 +104,11 @@ class ClusterSim:
         self.slo = slo
         self.latency = LatencyModel.from_profile(cfg.gpu, cfg.model, cfg.tp)
         num_blocks = cfg.num_blocks or self.latency.num_kv_blocks(cfg.block_size)
+        default_tokens, default_seqs = vllm_engine_defaults(self.latency)
         self.sched_config = SchedulerConfig(
-            num_blocks=num_blocks, block_size=cfg.block_size, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            max_num_seqs=cfg.max_num_seqs, max_model_len=self.latency.model.max_model_len,
+            num_blocks=num_blocks, block_size=cfg.block_size,
+            max_num_batched_tokens=cfg.max_num_batched_tokens or default_tokens,
+            max_num_seqs=cfg.max_num_seqs or default_seqs, max_model_len=self.latency.model.max_model_len,
         )
         self.replicas = [
             SimReplica(f"replica-{i}", Scheduler(self.sched_config, make_engine_policy(cfg.engine_policy, cfg.engine_params)),
