@@ -61,6 +61,7 @@ class RouterAccounting:
     def __init__(self) -> None:
         self._routed: dict[str, deque[_Routed]] = {}  # replica -> this router's unfinished requests, by time
         self._where: dict[str, str] = {}  # request id -> replica id
+        self._parsed: dict[str, tuple[object, dict | None]] = {}  # replica -> (last stats object, parsed)
 
     def on_routed(self, request_id: str, replica_id: str, *, now: float, prompt_tokens: int, decode_tokens: float) -> None:
         self._routed.setdefault(replica_id, deque()).append(_Routed(request_id, now, prompt_tokens, decode_tokens))
@@ -85,6 +86,7 @@ class RouterAccounting:
     def on_replica_removed(self, replica_id: str) -> list[str]:
         """Drop a dead replica's accounting; returns the request ids that were in flight there."""
         queue = self._routed.pop(replica_id, deque())
+        self._parsed.pop(replica_id, None)
         for item in queue:
             self._where.pop(item.request_id, None)
         return [item.request_id for item in queue]
@@ -94,7 +96,13 @@ class RouterAccounting:
 
     def snapshot(self, replica_id: str, stats: Mapping[str, Any] | None) -> ReplicaSnapshot:
         queue = self._routed.get(replica_id, ())
-        parsed = parse_stats(stats)
+        cached = self._parsed.get(replica_id)
+        # Stats change every period while snapshots are taken per request: parse each published dict once.
+        if cached is not None and cached[0] is stats:
+            parsed = cached[1]
+        else:
+            parsed = parse_stats(stats)
+            self._parsed[replica_id] = (stats, parsed)
         if parsed is None:
             return ReplicaSnapshot(replica_id=replica_id, stats_known=False, local_outstanding=len(queue))
         since = parsed["stats_time"]

@@ -113,6 +113,15 @@ class BlockPool:
         self._register_full_blocks(request, min(total, request.num_tokens))
         return needed
 
+    def take_free_block(self, request: Request) -> None:
+        """Append one block from the free queue to the request (the caller has checked it is there)."""
+        self.req_blocks[request.request_id].append(self._pop_free())
+
+    def cache_blocks(self, request: Request, num_tokens: int) -> None:
+        """Register the request's full blocks among its first ``num_tokens`` tokens under their hashes."""
+        if request.request_id in self.req_blocks:
+            self._register_full_blocks(request, num_tokens)
+
     def free(self, request: Request) -> None:
         """Return the request's blocks; cached ones stay findable until evicted."""
         blocks = self.req_blocks.pop(request.request_id, None)

@@ -124,14 +124,16 @@ class Request:
             return True
         return self.stop_after_tokens is not None and self.num_output_tokens >= self.stop_after_tokens
 
-    def extend_block_hashes(self, block_size: int) -> None:
-        """Hash every full block not hashed yet (generated tokens, or a prompt given without ids).
+    def extend_block_hashes(self, block_size: int, num_tokens: int | None = None) -> None:
+        """Hash the full blocks among the first ``num_tokens`` (default: all) tokens that have no hash yet.
 
-        Those hashes are salted per request: they can only ever match this request's own blocks, which is
-        what lets a preempted request find its KV again, as vLLM's recompute does.
+        These are private blocks (generated tokens, or a prompt given by length only), salted per request:
+        they can only ever match this request's own blocks. Nobody else can look them up, so the engine
+        hashes and registers them only when the request is preempted, which is what lets it find its KV
+        again on re-admission, as vLLM's recompute does.
         """
         hashes = self.block_hashes
-        full = self.num_tokens // block_size
+        full = (self.num_tokens if num_tokens is None else num_tokens) // block_size
         if len(hashes) >= full:
             return
         parent = hashes[-1] if hashes else 0

@@ -120,7 +120,6 @@ class Scheduler:
             raise ValueError(f"request {request.request_id} can never fit in {self.num_total_blocks} KV blocks")
         if not request.block_hashes and request.prompt_token_ids is not None and self.config.enable_prefix_caching:
             request.block_hashes = hash_token_blocks(request.prompt_token_ids, self.block_size)
-        request.extend_block_hashes(self.block_size)
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
@@ -198,6 +197,9 @@ class Scheduler:
         return budget
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        # Make the computed blocks findable for the request's own recompute, then release them.
+        request.extend_block_hashes(self.block_size, request.num_computed_tokens)
+        self.pool.cache_blocks(request, request.num_computed_tokens)
         self.pool.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
@@ -273,7 +275,6 @@ class Scheduler:
         """Advance computed tokens, sample one token where computation caught up; return finished requests."""
         self.now = now
         finished = []
-        bs = self.block_size
         for request, num in out.num_scheduled_tokens.items():
             if request.status != RequestStatus.RUNNING:
                 continue  # aborted during the step
@@ -285,8 +286,6 @@ class Scheduler:
                 request.first_token_time = now
             if request.wants_stop():
                 finished.append(request)
-            elif request.num_tokens % bs == 0:
-                request.extend_block_hashes(bs)
         for request in finished:
             self._finish(request, now)
         return finished
@@ -359,7 +358,6 @@ class Scheduler:
         if num_steps <= 1:
             return self.update_from_output(out, now)
         self._allocate_run(num_steps)
-        bs = self.block_size
         extra = num_steps - 1
         finished = []
         for request in self._running:
@@ -367,8 +365,6 @@ class Scheduler:
             request.num_output_tokens += num_steps
             if request.wants_stop():
                 finished.append(request)
-            else:
-                request.extend_block_hashes(bs)
         self.num_steps += extra
         self.now = now
         for request in finished:
@@ -385,12 +381,6 @@ class Scheduler:
             for step in range(max(first, 1), num_steps, bs):
                 events.append((step, index, request))
         events.sort(key=lambda e: (e[0], e[1]))
-        for step, _, request in events:
-            # Computed tokens before step `step` are c + step; the step needs one more slot.
-            saved = request.num_computed_tokens
-            request.num_computed_tokens = saved + step
-            request.num_output_tokens += step  # so the request's token count matches stepping
-            blocks = pool.allocate(request, 1)
-            request.num_computed_tokens = saved
-            request.num_output_tokens -= step
-            assert blocks is not None, "decode run allocation failed: decode_run_limit is wrong"
+        take = pool.take_free_block
+        for _, _, request in events:
+            take(request)

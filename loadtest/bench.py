@@ -1,0 +1,71 @@
+"""``halffull bench``: benchmarks that print figures (speed targets live here, not in timed unit tests).
+
+  bench sim     simulated requests per wall-clock second of the offline cluster simulator (issue target:
+                >= 20,000 on the Azure conversation trace, 4 H100 replicas, fcfs, sal), with the jump over
+                identical decode steps on, and the step-by-step reference on a slice, in the same run
+  bench router  microseconds per policy.choose() call at 4/16/64/256 replicas (target < 50 us at 64)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def bench_sim(trace_name: str = "azure_conv", replicas: int = 4, router: str = "sal", engine: str = "fcfs",
+              repeats: int = 3, reference_limit: int = 2000) -> dict:
+    from loadtest.cluster_sim import ClusterConfig, simulate
+    from loadtest.traces import load_trace
+
+    trace = load_trace(trace_name)
+    cfg = ClusterConfig(num_replicas=replicas, router=router, engine_policy=engine)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = simulate(trace, cfg)
+        rates.append(len(trace) / (time.perf_counter() - start))
+    head = trace[:reference_limit]
+    jump_rate, step_rate = [], []
+    for jump, sink in ((True, jump_rate), (False, step_rate)):
+        ref_cfg = ClusterConfig(num_replicas=replicas, router=router, engine_policy=engine, jump=jump)
+        start = time.perf_counter()
+        simulate(head, ref_cfg)
+        sink.append(len(head) / (time.perf_counter() - start))
+    return {
+        "trace": trace_name, "requests": len(trace), "replicas": replicas, "router": router, "engine": engine,
+        "sim_requests_per_s_median": statistics.median(rates), "sim_requests_per_s_runs": rates,
+        "slice": len(head), "slice_jump_requests_per_s": jump_rate[0], "slice_step_requests_per_s": step_rate[0],
+        "completed": result.summary["completed"],
+    }
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "sim":
+        r = bench_sim(args.trace, args.replicas, args.router, args.engine_policy, args.repeats, args.reference_limit)
+        print(f"offline simulator, {r['trace']} ({r['requests']} requests), {r['replicas']} x H100 llama3-8b, "
+              f"router {r['router']}, engine {r['engine']}")
+        runs = ", ".join(f"{x:,.0f}" for x in r["sim_requests_per_s_runs"])
+        print(f"  simulated requests/s (jump, median of {len(r['sim_requests_per_s_runs'])}): "
+              f"{r['sim_requests_per_s_median']:,.0f}   [{runs}]")
+        print(f"  first {r['slice']} requests, same run: jump {r['slice_jump_requests_per_s']:,.0f}/s vs "
+              f"step-by-step {r['slice_step_requests_per_s']:,.0f}/s "
+              f"({r['slice_jump_requests_per_s'] / r['slice_step_requests_per_s']:.1f}x)")
+        print("  target: >= 20,000 requests/s")
+        return 0
+    from loadtest import bench_router
+
+    bench_router.main()
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks that print figures")
+    p.add_argument("what", choices=["sim", "router"])
+    p.add_argument("--trace", default="azure_conv")
+    p.add_argument("--replicas", type=int, default=4)
+    p.add_argument("--router", default="sal")
+    p.add_argument("--engine-policy", default="fcfs")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--reference-limit", type=int, default=2000, help="slice for the step-by-step comparison")
+    p.set_defaults(func=cmd_bench)
