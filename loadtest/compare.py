@@ -270,8 +270,17 @@ def _parse_scales(text: str | None) -> list[float] | None:
     return _rate_scales(out, "--rate-scales")
 
 
+def _load_presets() -> None:
+    # The paper matrix lives with its target analysis (loadtest/paper.py), which builds on grid() above.
+    if "paper" not in PRESETS:
+        from loadtest import paper
+
+        PRESETS["paper"] = paper.experiments()
+
+
 def experiments_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.preset is not None:
+        _load_presets()
         if args.preset not in PRESETS:
             raise ValueError(f"unknown preset {args.preset!r}; valid: {', '.join(sorted(PRESETS))}")
         given = [flag for flag, value in (("--trace", args.trace), ("--routers", args.routers),
@@ -345,6 +354,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         f"{len(runs)} simulations, {sum(r['sim_wall_s'] for r in rows):.1f} s of simulation in {wall:.1f} s wall",
     ]
     out = write_outputs(rows, args.out, slo=slo, command=_command_line(args), notes=notes)
+    if args.preset == "paper":
+        from loadtest import paper
+
+        with open(out["report"], "a") as f:
+            f.write("\n" + paper.targets_markdown(rows, slo))
     for trace in traces:
         for label, srows in report.series_of(rows, trace).items():
             sat = saturation_rate_scale([(r["rate_scale"], r) for r in srows], slo)

@@ -100,6 +100,14 @@ class BlockPool:
         bs = self.block_size
         num_computed = request.num_computed_tokens + len(hit_blocks) * bs
         total = num_computed + num_new_tokens
+        if not hit_blocks:
+            # Fast path (most decode steps): the request's last block still has room.
+            held = self.req_blocks.get(request.request_id)
+            if held is not None and total <= len(held) * bs:
+                if reserve > len(self.free_queue):
+                    return None
+                self._register_full_blocks(request, min(total, request.num_tokens))
+                return 0
         needed = self.blocks_needed(request, total, hit_blocks)
         if needed + reserve > len(self.free_queue):
             return None
@@ -108,8 +116,9 @@ class BlockPool:
             # Hits only happen at admission, on a request holding no blocks; they are registered already.
             self._touch(hit_blocks, blocks)
             self.req_num_hashed[request.request_id] = len(hit_blocks)
+        pop = self._pop_free
         for _ in range(cdiv(total, bs) - len(blocks)):
-            blocks.append(self._pop_free())
+            blocks.append(pop())
         self._register_full_blocks(request, min(total, request.num_tokens))
         return needed
 
@@ -159,8 +168,8 @@ class BlockPool:
         if not self.enable_prefix_caching:
             return
         rid = request.request_id
-        start = self.req_num_hashed.get(rid, 0)
         end = min(num_tokens // self.block_size, len(request.block_hashes))
+        start = self.req_num_hashed.get(rid, 0)
         if end <= start:
             return
         blocks, hashes, cached, block_hash = self.req_blocks[rid], request.block_hashes, self.cached, self.block_hash

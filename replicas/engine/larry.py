@@ -29,8 +29,8 @@ Three independent elements, each switchable for ablations:
 With all three off LARRY is exactly fcfs. Parameters (``LarryParams``):
 
   u_low              0.75   pressure threshold, in [0, 1)
-  tau                0.5    seconds of waiting worth one KV block, > 0
-  max_wait_s         30.0   hard aging bound, > 0
+  tau                0.05   seconds of waiting worth one KV block, > 0
+  max_wait_s         5.0    hard aging bound, > 0
   horizon_tokens     None   growth reserve horizon in tokens (None: one block)
   pressure_order, growth_reserve, least_progress_victim    True
 
@@ -50,8 +50,8 @@ from replicas.engine.policies import Admission, EnginePolicy, EngineView, Reques
 @dataclass(frozen=True)
 class LarryParams:
     u_low: float = 0.75
-    tau: float = 0.5
-    max_wait_s: float = 30.0
+    tau: float = 0.05
+    max_wait_s: float = 5.0
     horizon_tokens: int | None = None
     pressure_order: bool = True
     growth_reserve: bool = True

@@ -1,0 +1,164 @@
+"""The paper experiment: every baseline against SAL and LARRY, with ablations, and the targets of issue 5.
+
+``halffull compare --preset paper --out docs/results`` runs the matrix below on the offline simulator and
+writes the usual report plus a "Targets" section computed here:
+
+* reference load (per trace): the lowest rate scale at which pow2 + fcfs (Ray Serve's default router in front
+  of vLLM's default scheduler) breaks the SLO (p99 TTFT > 2 s);
+* at that load, sal + larry against pow2 + fcfs: p99 and mean TTFT, preemptions per request, throughput, TPOT
+  p99; and the saturation load (highest rate scale meeting the SLO) of each;
+* Mooncake (prefix-heavy): sal's mean TTFT against prefix_aware's and pow2's (all with fcfs);
+* one replica: larry against fcfs (preemptions per request and mean TTFT).
+
+Rate-scale grids bracket each trace's knee on 4 H100 Llama-3-8B replicas; 16-replica runs scale the rate by
+4 to load each replica alike. Request limits keep one run to seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from loadtest.compare import grid
+from loadtest.metrics import Slo, saturation_rate_scale
+
+ROUTERS = ["round_robin", "random", "pow2", "least_requests", "prefix_aware", "sal"]
+SCALES = {
+    "azure_conv": [8, 10, 12, 13, 14, 16],
+    "azure_code": [1, 2, 3, 4, 6],
+    "mooncake_conv": [2, 3, 4, 5, 6],
+}
+LIMITS = {"azure_conv": 6000, "azure_code": 4000, "mooncake_conv": 3000}
+BASE, PROPOSED = "pow2+fcfs", "sal+larry"
+
+
+def _main_matrix() -> list[dict[str, Any]]:
+    exps = []
+    for trace, scales in SCALES.items():
+        exps += grid([trace], ROUTERS, ["fcfs"], scales, limit=LIMITS[trace])
+        exps += grid([trace], ["pow2", "sal"], ["no_preempt", "larry"], scales, limit=LIMITS[trace])
+    return exps
+
+
+def _fleet_variants() -> list[dict[str, Any]]:
+    scales16 = [4 * s for s in SCALES["azure_conv"]]
+    exps = grid(["azure_conv"], ["pow2", "sal"], ["fcfs", "larry"], scales16, limit=4 * LIMITS["azure_conv"],
+                label_suffix=" [16 replicas]", num_replicas=16)
+    exps += grid(["azure_conv"], ["pow2", "sal"], ["fcfs", "larry"], [4, 5, 6, 7, 8], limit=LIMITS["azure_conv"],
+                 label_suffix=" [A100]", gpu="a100")
+    exps += grid(["azure_conv"], ["pow2"], ["fcfs", "larry"], [2, 2.5, 3, 3.5, 4], limit=2000,
+                 label_suffix=" [1 replica]", num_replicas=1)
+    return exps
+
+
+def _ablations() -> list[dict[str, Any]]:
+    conv, lim = SCALES["azure_conv"], LIMITS["azure_conv"]
+    exps = []
+    for element in ("pressure_order", "growth_reserve", "least_progress_victim"):
+        exps += grid(["azure_conv"], ["sal"], ["larry"], conv, limit=lim, label_suffix=f" (no {element})",
+                     engine_params={element: False})
+    exps += grid(["azure_conv"], ["sal"], ["larry"], conv, limit=lim, label_suffix=" (no decode work)",
+                 router_params={"use_decode_work": False})
+    for period in (0.0, 2.0):
+        exps += grid(["azure_conv"], ["sal"], ["larry"], conv, limit=lim, label_suffix=f" (stats {period:g} s)",
+                     stats_period_s=period)
+    exps += grid(["azure_conv"], ["sal"], ["larry"], conv, limit=lim, label_suffix=" (4 routers)", num_routers=4)
+    exps += grid(["mooncake_conv"], ["sal"], ["fcfs"], SCALES["mooncake_conv"], limit=LIMITS["mooncake_conv"],
+                 label_suffix=" (no prefix credit)", router_params={"use_prefix_credit": False})
+    return exps
+
+
+def experiments() -> list[dict[str, Any]]:
+    return _main_matrix() + _fleet_variants() + _ablations()
+
+
+# ---- targets ---------------------------------------------------------------------------------------------
+def _series(rows: Sequence[Mapping[str, Any]], trace: str, label: str) -> dict[float, Mapping[str, Any]]:
+    return {float(r["rate_scale"]): r for r in rows if r["trace"] == trace and r["label"] == label}
+
+
+def reference_load(rows, trace: str, slo: Slo, label: str = BASE) -> float | None:
+    """Lowest rate scale at which ``label`` breaks the SLO (p99 TTFT)."""
+    for scale, row in sorted(_series(rows, trace, label).items()):
+        if float(row["ttft_p99"]) > slo.ttft_s:
+            return scale
+    return None
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    a, b = float(a), float(b)
+    if b == 0:
+        return None if a != 0 else 1.0
+    return a / b
+
+
+def _saturation(rows, trace, label, slo) -> float | None:
+    return saturation_rate_scale([(s, r) for s, r in _series(rows, trace, label).items()], slo)
+
+
+def target_rows(rows: Sequence[Mapping[str, Any]], slo: Slo = Slo()) -> list[dict[str, Any]]:
+    """One dict per target: name, measured ratio (or None), goal text, met (bool or None), where."""
+    out: list[dict[str, Any]] = []
+
+    def add(name, value, goal, ok, where):
+        out.append({"target": name, "measured": value, "goal": goal, "met": ok, "where": where})
+
+    for trace in ("azure_conv", "azure_code"):
+        ref = reference_load(rows, trace, slo)
+        base, prop = _series(rows, trace, BASE), _series(rows, trace, PROPOSED)
+        if ref is None or ref not in prop:
+            add(f"{trace}: reference load", None, "pow2+fcfs breaks the SLO inside the grid", False, "grid too low")
+            continue
+        b, p = base[ref], prop[ref]
+        where = f"{trace} x{ref:g}"
+        checks = [
+            ("p99 TTFT", _ratio(p["ttft_p99"], b["ttft_p99"]), "<= 0.5x", lambda r: r <= 0.5),
+            ("mean TTFT", _ratio(p["ttft_mean"], b["ttft_mean"]), "<= 0.5x", lambda r: r <= 0.5),
+            ("preemptions/request", _ratio(p["preemptions_per_request"], b["preemptions_per_request"]),
+             "<= 0.33x", lambda r: r <= 0.33),
+            ("throughput", _ratio(p["throughput_rps"], b["throughput_rps"]), ">= 1.0x", lambda r: r >= 0.999),
+            ("TPOT p99", _ratio(p["tpot_p99"], b["tpot_p99"]), "<= 1.10x", lambda r: r <= 1.10),
+        ]
+        for name, value, goal, test in checks:
+            add(f"{trace}: sal+larry vs pow2+fcfs, {name}", value, goal, None if value is None else test(value), where)
+        sb, sp = _saturation(rows, trace, BASE, slo), _saturation(rows, trace, PROPOSED, slo)
+        value = None if not sb or sp is None else sp / sb
+        add(f"{trace}: saturation load", value, ">= 1.25x", None if value is None else value >= 1.25,
+            f"{trace}: pow2+fcfs x{sb}, sal+larry x{sp}")
+
+    trace = "mooncake_conv"
+    ref = reference_load(rows, trace, slo)
+    if ref is not None:
+        sal, pa, p2 = (_series(rows, trace, lab).get(ref) for lab in ("sal+fcfs", "prefix_aware+fcfs", "pow2+fcfs"))
+        if sal and pa and p2:
+            where = f"{trace} x{ref:g}"
+            r1 = _ratio(sal["ttft_mean"], pa["ttft_mean"])
+            r2 = _ratio(sal["ttft_mean"], p2["ttft_mean"])
+            add(f"{trace}: sal vs prefix_aware, mean TTFT", r1, "<= 1.0x", r1 is not None and r1 <= 1.0, where)
+            add(f"{trace}: sal vs pow2, mean TTFT", r2, "<= 0.5x", r2 is not None and r2 <= 0.5, where)
+    else:
+        add(f"{trace}: reference load", None, "pow2+fcfs breaks the SLO inside the grid", False, "grid too low")
+
+    fc, la = (_series(rows, "azure_conv", f"pow2+{e} [1 replica]") for e in ("fcfs", "larry"))
+    loaded = [s for s in sorted(fc) if float(fc[s]["preemptions_per_request"]) > 0 and s in la]
+    if loaded:
+        s = loaded[0]
+        where = f"azure_conv, 1 replica, x{s:g} (lowest load with fcfs preemptions)"
+        r1 = _ratio(la[s]["preemptions_per_request"], fc[s]["preemptions_per_request"])
+        r2 = _ratio(la[s]["ttft_mean"], fc[s]["ttft_mean"])
+        add("1 replica: larry vs fcfs, preemptions/request", r1, "<= 0.33x", r1 is not None and r1 <= 0.33, where)
+        add("1 replica: larry vs fcfs, mean TTFT", r2, "<= 1.0x", r2 is not None and r2 <= 1.0, where)
+    else:
+        add("1 replica: larry vs fcfs", None, "fcfs preempts somewhere in the grid", False, "no fcfs preemptions")
+    return out
+
+
+def targets_markdown(rows: Sequence[Mapping[str, Any]], slo: Slo = Slo()) -> str:
+    lines = ["## Targets (issue 5)", "",
+             f"Reference load: the lowest rate scale at which {BASE} breaks the SLO (p99 TTFT > {slo.ttft_s:g} s).",
+             "Ratios are proposed / baseline, measured side by side in this run.", "",
+             "| target | measured | goal | met | where |", "|:---|---:|:---|:---|:---|"]
+    for t in target_rows(rows, slo):
+        value = "n/a" if t["measured"] is None else f"{t['measured']:.2f}x"
+        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['target']} | {value} | {t['goal']} | {met} | {t['where']} |")
+    return "\n".join(lines) + "\n"
