@@ -15,11 +15,10 @@ import time
 
 def bench_sim(trace_name: str = "azure_conv", replicas: int = 4, router: str = "sal", engine: str = "fcfs",
               repeats: int = 3, reference_limit: int = 2000) -> dict:
-    from loadtest.cluster_sim import ClusterConfig, simulate
-    from loadtest.traces import load_trace
+    from loadtest.cluster_sim import ClusterConfig, load_trace_for, simulate
 
-    trace = load_trace(trace_name)
     cfg = ClusterConfig(num_replicas=replicas, router=router, engine_policy=engine)
+    trace = load_trace_for(cfg, trace_name)
     rates = []
     for _ in range(repeats):
         start = time.perf_counter()

@@ -59,11 +59,11 @@ def cluster_config(args: argparse.Namespace):
     )
 
 
-def load_args_trace(args: argparse.Namespace, max_total_tokens: int | None = None):
-    from loadtest.traces import load_trace
+def load_args_trace(args: argparse.Namespace, cfg):
+    from loadtest.cluster_sim import load_trace_for
 
-    return load_trace(args.trace, rate_scale=args.rate_scale, limit=args.limit, start_s=args.start,
-                      duration_s=args.duration, max_total_tokens=max_total_tokens)
+    return load_trace_for(cfg, args.trace, rate_scale=args.rate_scale, limit=args.limit, start_s=args.start,
+                          duration_s=args.duration)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -73,7 +73,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     cfg = cluster_config(args)
     sim = ClusterSim(cfg, slo=Slo(args.slo_ttft, args.slo_tpot))
-    trace = load_args_trace(args)
+    trace = load_args_trace(args, cfg)
     bar = Progress(len(trace), "simulate", enabled=not args.quiet)
     result = sim.run(trace, progress=lambda done, total: bar.update(done))
     bar.update(len(trace))
@@ -82,7 +82,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print(f"{args.trace}: {len(trace)} requests, rate x{args.rate_scale}, {cfg.num_replicas} x {sim.latency.describe()}")
     print(f"router {cfg.router}, engine {cfg.engine_policy}, stats period {cfg.stats_period_s}s, {cfg.num_routers} router(s)")
     print(format_table(s))
-    print(f"rejected (too long for the model): {s['rejected']}   simulated {s['sim_requests_per_s']:.0f} requests/s in {s['sim_wall_s']:.2f}s wall")
+    print(f"clipped to the model's context: {s['clipped']}, rejected: {s['rejected']}   simulated {s['sim_requests_per_s']:.0f} requests/s in {s['sim_wall_s']:.2f}s wall")
     for row in result.per_replica:
         print(f"  {row['replica']}: {row['requests']} requests, {row['preemptions']} preemptions, busy {row['busy_s']:.1f}s")
     if args.json:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from loadtest.metrics import RequestRecord, Slo, summarize
-from loadtest.traces import TraceRequest
+from loadtest.traces import Trace, TraceRequest, load_trace
 from replicas.engine.policies import make_engine_policy
 from replicas.engine.request import Request, hash_trace_blocks
 from replicas.engine.scheduler import Scheduler, SchedulerConfig
@@ -190,6 +190,7 @@ class ClusterSim:
         records = list(self.records.values())
         summary = summarize(records, slo=self.slo)
         summary["rejected"] = self.num_rejected
+        summary["clipped"] = getattr(trace, "num_clipped", 0)
         summary["sim_wall_s"] = wall
         summary["sim_requests_per_s"] = len(records) / wall if wall > 0 else 0.0
         return SimResult(self.cfg, summary, records, self._per_replica(), wall)
@@ -217,6 +218,17 @@ class ClusterSim:
              "steps": r.scheduler.num_steps, "preemptions": r.scheduler.num_preemptions}
             for r in self.replicas
         ]
+
+
+def load_trace_for(cfg: ClusterConfig, name_or_path: str, **kw) -> Trace:
+    """A trace fitted to the model's context window.
+
+    Requests longer than ``max_model_len`` (half of Mooncake's prompts exceed Llama-3's 8k) are clipped, not
+    dropped, keeping the arrival process and the leading prefix blocks; ``Trace.num_clipped`` counts them and
+    the summary reports it.
+    """
+    context = LatencyModel.from_profile(cfg.gpu, cfg.model, cfg.tp).model.max_model_len
+    return load_trace(name_or_path, max_total_tokens=context, **kw)
 
 
 def simulate(trace: Iterable[TraceRequest], cfg: ClusterConfig, **kw) -> SimResult:

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from loadtest import report
-from loadtest.cluster_sim import ClusterConfig, ClusterSim
+from loadtest.cluster_sim import ClusterConfig, ClusterSim, load_trace_for
 from loadtest.metrics import Slo, saturation_rate_scale
 from loadtest.traces import load_trace
 
@@ -168,8 +168,8 @@ def plan(experiments: Sequence[Mapping[str, Any]], base: ClusterConfig, *, slo: 
 
 def run_one(run: Run) -> dict[str, Any]:
     """One simulation; the result row (config columns + summary). Runs in a worker process."""
-    trace = load_trace(run.trace, rate_scale=run.rate_scale, limit=run.limit, start_s=run.start_s,
-                       duration_s=run.duration_s)
+    trace = load_trace_for(run.config, run.trace, rate_scale=run.rate_scale, limit=run.limit,
+                           start_s=run.start_s, duration_s=run.duration_s)
     sim = ClusterSim(run.config, slo=run.slo)
     result = sim.run(trace)
     cfg = run.config

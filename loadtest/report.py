@@ -34,7 +34,7 @@ CONFIG_COLUMNS: tuple[str, ...] = (
     "max_num_batched_tokens", "seed", "limit", "requests",
 )
 SUMMARY_COLUMNS: tuple[str, ...] = (
-    "completed", "failed", "rejected",
+    "completed", "failed", "rejected", "clipped",
     "ttft_mean", "ttft_p50", "ttft_p90", "ttft_p99",
     "tpot_mean", "tpot_p50", "tpot_p90", "tpot_p99",
     "e2e_mean", "e2e_p50", "e2e_p90", "e2e_p99",
