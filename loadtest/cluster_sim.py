@@ -232,7 +232,7 @@ def load_trace_for(cfg: ClusterConfig, name_or_path: str, **kw) -> Trace:
 
 
 def simulate(trace: Iterable[TraceRequest], cfg: ClusterConfig, **kw) -> SimResult:
-    return ClusterSim(cfg, **kw).run(list(trace))
+    return ClusterSim(cfg, **kw).run(trace if isinstance(trace, list) else list(trace))
 
 
 def config_dict(cfg: ClusterConfig) -> dict[str, Any]:
