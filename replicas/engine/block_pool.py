@@ -42,7 +42,10 @@ class BlockPool:
         # OrderedDict, not dict: popping a plain dict's first key is O(n) once keys were deleted.
         # The first key is the LRU head. Values unused.
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.cached: dict[int, int] = {}  # block hash -> the block a lookup returns
+        # Further blocks holding the same content (a request computing its own copy, e.g. past the hit cap).
+        # As in vLLM they stay findable: when the returned copy is evicted, another one takes its place.
+        self.duplicates: dict[int, list[int]] = {}
         self.req_blocks: dict[str, list[int]] = {}
         self.req_num_hashed: dict[str, int] = {}  # leading blocks of the request already registered
         self.num_evictions = 0
@@ -158,11 +161,22 @@ class BlockPool:
         if h is not None:
             # Eviction: the block's cached content is gone.
             self.block_hash[blk] = None
-            if self.cached.get(h) == blk:
-                del self.cached[h]
+            self._forget(h, blk)
             self.num_evictions += 1
         self.ref_cnt[blk] = 1
         return blk
+
+    def _forget(self, h: int, blk: int) -> None:
+        copies = self.duplicates.get(h)
+        if self.cached.get(h) == blk:
+            if copies:
+                self.cached[h] = copies.pop()
+            else:
+                del self.cached[h]
+        elif copies:
+            copies.remove(blk)
+        if copies is not None and not copies:
+            del self.duplicates[h]
 
     def _register_full_blocks(self, request: Request, num_tokens: int) -> None:
         if not self.enable_prefix_caching:
@@ -176,11 +190,13 @@ class BlockPool:
         for j in range(start, end):
             h = hashes[j]
             blk = blocks[j]
-            # A block reached through a hit is already registered; a duplicate computed elsewhere is not
-            # registered again (the first copy stays canonical, as in vLLM).
-            if block_hash[blk] is None and h not in cached:
-                cached[h] = blk
+            # A block reached through a hit is registered already.
+            if block_hash[blk] is None:
                 block_hash[blk] = h
+                if h in cached:
+                    self.duplicates.setdefault(h, []).append(blk)
+                else:
+                    cached[h] = blk
         self.req_num_hashed[rid] = end
 
     # ---- test support --------------------------------------------------------------------------------
@@ -197,3 +213,8 @@ class BlockPool:
         assert len(self.free_queue) + len(owned) == self.num_blocks, "blocks not conserved"
         for h, blk in self.cached.items():
             assert self.block_hash[blk] == h, f"cached hash {h} points at block {blk} with another hash"
+        for h, copies in self.duplicates.items():
+            assert h in self.cached and copies, f"duplicates of {h} without a returned copy"
+            assert all(self.block_hash[b] == h for b in copies), f"duplicate of {h} holds another hash"
+        hashed = sum(1 for h in self.block_hash if h is not None)
+        assert hashed == len(self.cached) + sum(map(len, self.duplicates.values())), "hashed blocks not indexed"

@@ -58,10 +58,11 @@ class LarryParams:
     least_progress_victim: bool = True
 
     def __post_init__(self):
+        # Written as "not (valid)" so that NaN, which fails every comparison, is rejected too.
         if not 0.0 <= self.u_low < 1.0:
             raise ValueError(f"u_low must be in [0, 1), got {self.u_low}")
-        if self.tau <= 0 or self.max_wait_s <= 0:
-            raise ValueError("tau and max_wait_s must be > 0")
+        if not (self.tau > 0 and self.max_wait_s > 0):
+            raise ValueError(f"tau and max_wait_s must be > 0, got {self.tau}, {self.max_wait_s}")
         if self.horizon_tokens is not None and self.horizon_tokens < 0:
             raise ValueError("horizon_tokens must be >= 0")
 

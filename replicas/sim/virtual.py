@@ -52,7 +52,7 @@ class SimReplica:
         sched = self.scheduler
         while self.clock < t and sched.has_work():
             out = sched.schedule(self.clock)
-            if out.is_empty:
+            if out.is_empty and not out.preempted:
                 # Nothing can run until something external changes (cannot happen with the shipped
                 # policies, which always admit into an empty engine); wait for the next event.
                 self.clock = t

@@ -1,0 +1,244 @@
+"""The simulated replica's decode-run jump (``SimReplica(jump=True)``) against stepping one token at a time.
+
+Same request stream (seeded Poisson arrivals, mixed lengths, shared prompt families, some simulated EOS),
+same engine (a small KV pool so that the heavy load preempts): per-request first-token and finish times must
+agree to 1e-9 relative, preemption counts and prefix hits exactly, and the jump must need fewer
+``schedule()`` calls. Plus: identical runs are identical (no hidden nondeterminism), and the scheduler-level
+``decode_run_limit`` / ``commit_decode_run`` leave the block pool exactly as stepping does.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from replicas.engine.policies import make_engine_policy
+from replicas.engine.request import Request
+from replicas.engine.scheduler import Scheduler, SchedulerConfig
+from replicas.sim.latency import LatencyModel
+from replicas.sim.virtual import SimReplica
+from tests.helpers import make_sched, req
+
+LATENCY = LatencyModel.from_profile("h100", "llama3-8b")
+POLICIES = ["fcfs", "priority", "no_preempt"]
+
+# name: (num_blocks of 16 tokens, arrival rate per second, number of requests)
+LOADS = {
+    "light": (2000, 0.5, 200),  # 32k KV tokens, a few requests at a time: no preemption
+    "heavy": (150, 4.0, 300),  # 2,400 KV tokens for ~8 concurrent requests of up to 1,400: preemptions
+}
+
+
+@dataclass(frozen=True)
+class Spec:
+    rid: str
+    prompt: int
+    max_tokens: int
+    arrival: float
+    priority: int
+    family: int  # -1: prompt by length; else token ids shared with the family's other prompts
+    stop_after: int | None
+
+
+def request_stream(seed: int, n: int, rate: float) -> list[Spec]:
+    rng = random.Random(seed)
+    t, specs = 0.0, []
+    for i in range(n):
+        t += rng.expovariate(rate)
+        max_tokens = rng.randint(8, 400)
+        stop_after = rng.randint(1, max_tokens) if rng.random() < 0.3 else None
+        specs.append(Spec(f"q{i}", rng.randint(16, 1024), max_tokens, t, rng.randint(0, 2), rng.randint(-1, 3),
+                          stop_after))
+    return specs
+
+
+def to_request(s: Spec) -> Request:
+    ids = None if s.family < 0 else [s.family * 100_000 + j for j in range(s.prompt)]
+    return Request(s.rid, s.prompt, s.max_tokens, s.arrival, priority=s.priority, prompt_token_ids=ids,
+                   stop_after_tokens=s.stop_after)
+
+
+@dataclass
+class Run:
+    per_request: dict[str, tuple]  # id -> (first_token_time, finish_time, num_preemptions, num_cached_tokens)
+    num_preemptions: int
+    num_steps: int
+    schedule_calls: int
+    busy_time: float
+
+
+def simulate(policy: str, jump: bool, specs: list[Spec], num_blocks: int) -> Run:
+    sched = Scheduler(
+        SchedulerConfig(num_blocks=num_blocks, block_size=16, max_num_batched_tokens=2048, max_num_seqs=64),
+        make_engine_policy(policy),
+    )
+    calls = 0
+    schedule = sched.schedule
+
+    def counting_schedule(now=None):
+        nonlocal calls
+        calls += 1
+        return schedule(now)
+
+    sched.schedule = counting_schedule
+    replica = SimReplica("r0", sched, LATENCY, jump=jump)
+    reqs = []
+    for s in specs:
+        replica.advance_to(s.arrival)
+        r = to_request(s)
+        replica.add_request(r, s.arrival)
+        reqs.append(r)
+    replica.run_until_idle()
+    assert not sched.has_work()
+    assert all(r.finish_time is not None for r in reqs)
+    assert sched.num_free_blocks == num_blocks
+    return Run(
+        {r.request_id: (r.first_token_time, r.finish_time, r.num_preemptions, r.num_cached_tokens) for r in reqs},
+        sched.num_preemptions, sched.num_steps, calls, replica.busy_time,
+    )
+
+
+_CACHE: dict[tuple, Run] = {}
+
+
+def cached_run(policy: str, load: str, jump: bool) -> Run:
+    key = (policy, load, jump)
+    if key not in _CACHE:
+        num_blocks, rate, n = LOADS[load]
+        _CACHE[key] = simulate(policy, jump, request_stream(7, n, rate), num_blocks)
+    return _CACHE[key]
+
+
+@pytest.mark.parametrize("load", LOADS, ids=LOADS)
+@pytest.mark.parametrize("policy", POLICIES, ids=POLICIES)
+def test_jump_equals_stepping(policy, load):
+    jumped, stepped = cached_run(policy, load, True), cached_run(policy, load, False)
+    assert jumped.per_request.keys() == stepped.per_request.keys()
+    for rid, (first_j, finish_j, pre_j, hit_j) in jumped.per_request.items():
+        first_s, finish_s, pre_s, hit_s = stepped.per_request[rid]
+        assert math.isclose(first_j, first_s, rel_tol=1e-9), (rid, first_j, first_s)
+        assert math.isclose(finish_j, finish_s, rel_tol=1e-9), (rid, finish_j, finish_s)
+        assert (pre_j, hit_j) == (pre_s, hit_s), rid
+    assert jumped.num_preemptions == stepped.num_preemptions
+    assert jumped.num_steps == stepped.num_steps
+    assert math.isclose(jumped.busy_time, stepped.busy_time, rel_tol=1e-9)
+    assert jumped.schedule_calls < stepped.schedule_calls
+    assert stepped.schedule_calls == stepped.num_steps
+    # the workloads do what they are for
+    if policy == "no_preempt" or load == "light":
+        assert jumped.num_preemptions == 0
+    else:
+        assert jumped.num_preemptions > 0
+    assert any(hit > 0 for _, _, _, hit in jumped.per_request.values())  # prefix families hit
+
+
+@pytest.mark.parametrize("jump", [True, False], ids=["jump", "step"])
+@pytest.mark.parametrize("policy", POLICIES, ids=POLICIES)
+def test_identical_runs_are_identical(policy, jump):
+    num_blocks, rate, n = LOADS["heavy"]
+    specs = request_stream(11, n // 2, rate)
+    first, second = simulate(policy, jump, specs, num_blocks), simulate(policy, jump, specs, num_blocks)
+    assert first == second  # exact equality, floats included
+
+
+# ---- the scheduler-level run API, on tiny pools -------------------------------------------------------
+
+
+def _drive_runs(config, specs, jump: bool):
+    """Step (or jump over decode runs) with integer step times; returns per-step snapshots and results.
+
+    A run never crosses an arrival, as the replica's deadline guarantees. Snapshots are taken after every
+    schedule/commit, keyed by the step count, so a jump's snapshot can be compared with stepping's.
+    """
+    sched = make_sched(**config)
+    pending = sorted(specs, key=lambda s: s[3])
+    reqs = {}
+    snapshots = {}
+    while pending or sched.has_work():
+        while pending and pending[0][3] <= sched.num_steps:
+            rid, prompt, max_tokens, arrival, priority = pending.pop(0)
+            reqs[rid] = req(rid, prompt, max_tokens, float(arrival), priority=priority)
+            sched.add_request(reqs[rid])
+        out = sched.schedule(float(sched.num_steps))
+        k = sched.decode_run_limit(out) if jump else 1
+        if pending:
+            k = max(1, min(k, pending[0][3] - sched.num_steps + 1))
+        sched.commit_decode_run(out, k, float(sched.num_steps + k - 1))
+        sched.pool.check_invariants()
+        p = sched.pool
+        snapshots[sched.num_steps] = (
+            list(p.free_queue), list(p.ref_cnt), list(p.block_hash), dict(p.cached), p.num_evictions,
+            {rid: (r.num_computed_tokens, r.num_output_tokens, r.status) for rid, r in reqs.items()},
+        )
+        assert sched.num_steps < 20_000, "livelock"
+    results = {rid: (r.first_token_time, r.finish_time, r.num_preemptions, r.num_cached_tokens)
+               for rid, r in reqs.items()}
+    return snapshots, results
+
+
+@st.composite
+def small_workloads(draw):
+    bs = draw(st.sampled_from([2, 4]))
+    num_blocks = draw(st.integers(4, 16))
+    capacity = num_blocks * bs
+    config = dict(num_blocks=num_blocks, block_size=bs, budget=draw(st.sampled_from([4, 8, 64])),
+                  max_seqs=draw(st.integers(1, 6)), max_len=capacity, policy=draw(st.sampled_from(POLICIES)),
+                  watermark=draw(st.sampled_from([0.0, 0.2])))
+    specs = []
+    for i in range(draw(st.integers(1, 8))):
+        total = draw(st.integers(2, capacity))
+        prompt = draw(st.integers(1, total - 1))
+        family = draw(st.integers(-1, 2))
+        ids = prompt if family < 0 else [family * 1000 + j for j in range(prompt)]
+        specs.append((f"r{i}", ids, total - prompt, draw(st.integers(0, 30)), draw(st.integers(0, 2))))
+    return config, specs
+
+
+@settings(max_examples=60, deadline=None)
+@given(small_workloads())
+def test_decode_run_leaves_the_pool_as_stepping_does(workload):
+    config, specs = workload
+    jump_snaps, jump_results = _drive_runs(config, specs, jump=True)
+    step_snaps, step_results = _drive_runs(config, specs, jump=False)
+    assert jump_results == step_results
+    for k, snap in jump_snaps.items():
+        assert step_snaps[k] == snap, f"after step {k}"
+
+
+def test_decode_run_limit_stops_before_a_failing_allocation():
+    # 4 blocks of 4. A and B decode (2 blocks each after step 2, 0 free); both need a 3rd block at total 9.
+    sched = make_sched(num_blocks=4, budget=32)
+    sched.add_request(req("a", 4, 12))
+    sched.add_request(req("b", 4, 12))
+    for now in (1.0, 2.0):
+        sched.update_from_output(sched.schedule(now), now)
+    out = sched.schedule(3.0)  # total 6: A and B each at computed 5
+    # steps: total 6, 7, 8 fit; the 4th step (total 9) needs blocks that are not there
+    assert sched.decode_run_limit(out) == 3
+    sched.commit_decode_run(out, 3, 5.0)
+    out = sched.schedule(6.0)
+    assert [r.request_id for r in out.preempted] == ["b"]
+    assert sched.decode_run_limit(out) == 1
+
+
+# ---- SimReplica bugs ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("jump", [True, False], ids=["jump", "step"])
+def test_sim_continues_after_a_preempt_only_step(jump):
+    # 4 blocks of 4, priority. A (priority 2) runs alone one step, B (priority 1) joins; at A's total 9 the
+    # pool is full and A is its own victim in a step that schedules nothing (see test_engine_scheduler.py).
+    sched = make_sched(num_blocks=4, budget=32, policy="priority")
+    replica = SimReplica("r0", sched, LATENCY, jump=jump)
+    a, b = req("a", 4, 8, 0.0, priority=2), req("b", 4, 8, 0.001, priority=1)
+    replica.add_request(a, 0.0)
+    replica.advance_to(0.001)
+    replica.add_request(b, 0.001)
+    replica.run_until_idle()
+    assert a.finish_time is not None and b.finish_time is not None
+    assert math.isfinite(replica.clock)
