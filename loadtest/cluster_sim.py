@@ -135,6 +135,8 @@ class ClusterSim:
 
     def publish(self, now: float) -> None:
         for rep in self.replicas:
+            for req in rep.materialize(now):
+                self._complete(rep.replica_id, req)
             self.published[rep.replica_id] = engine_stats(
                 rep.scheduler, self.estimators[rep.replica_id], now=now, latency=self.latency)
 
@@ -202,7 +204,8 @@ class ClusterSim:
         replica_id = self.route(tr, index)
         rec.replica = replica_id
         try:
-            self.by_id[replica_id].add_request(request, tr.arrival_s)
+            for done in self.by_id[replica_id].add_request(request, tr.arrival_s):
+                self._complete(replica_id, done)
         except ValueError as exc:  # too long for the model: the server would answer 400
             rec.error = str(exc)
             self.num_rejected += 1

@@ -119,15 +119,24 @@ class BlockPool:
             # Hits only happen at admission, on a request holding no blocks; they are registered already.
             self._touch(hit_blocks, blocks)
             self.req_num_hashed[request.request_id] = len(hit_blocks)
-        pop = self._pop_free
-        for _ in range(cdiv(total, bs) - len(blocks)):
-            blocks.append(pop())
+        self._take(blocks, cdiv(total, bs) - len(blocks))
         self._register_full_blocks(request, min(total, request.num_tokens))
         return needed
 
     def take_free_block(self, request: Request) -> None:
         """Append one block from the free queue to the request (the caller has checked it is there)."""
-        self.req_blocks[request.request_id].append(self._pop_free())
+        self._take(self.req_blocks[request.request_id], 1)
+
+    def _take(self, blocks: list[int], n: int) -> None:
+        """Move ``n`` blocks from the free queue's head to ``blocks`` (the hot loop of prompt allocation)."""
+        popitem, block_hash, ref = self.free_queue.popitem, self.block_hash, self.ref_cnt
+        append = blocks.append
+        for _ in range(n):
+            blk = popitem(False)[0]
+            if block_hash[blk] is not None:
+                self._evict(blk)
+            ref[blk] = 1
+            append(blk)
 
     def cache_blocks(self, request: Request, num_tokens: int) -> None:
         """Register the request's full blocks among its first ``num_tokens`` tokens under their hashes."""
@@ -155,16 +164,12 @@ class BlockPool:
             ref[blk] += 1
             blocks.append(blk)
 
-    def _pop_free(self) -> int:
-        blk, _ = self.free_queue.popitem(last=False)
+    def _evict(self, blk: int) -> None:
+        """The free block is handed out again: its cached content is gone."""
         h = self.block_hash[blk]
-        if h is not None:
-            # Eviction: the block's cached content is gone.
-            self.block_hash[blk] = None
-            self._forget(h, blk)
-            self.num_evictions += 1
-        self.ref_cnt[blk] = 1
-        return blk
+        self.block_hash[blk] = None
+        self._forget(h, blk)
+        self.num_evictions += 1
 
     def _forget(self, h: int, blk: int) -> None:
         copies = self.duplicates.get(h)
