@@ -96,6 +96,9 @@ class _Router:
         expected = getattr(self.policy, "expected_decode_tokens", None)
         fallback = OutputLengthEstimator()
         self.expected_decode = expected or (lambda view: fallback.expected_remaining(view.max_tokens, 0))
+        # Deltas are net of the cache hits the policy expects (sal); others record the whole prompt.
+        uncached = getattr(self.policy, "uncached_prompt_tokens", None)
+        self.uncached_prompt = uncached or (lambda view, replica_id: view.num_prompt_tokens)
 
 
 class ClusterSim:
@@ -165,8 +168,9 @@ class ClusterSim:
         snapshots = [router.accounting.snapshot(r.replica_id, self.published.get(r.replica_id)) for r in self.replicas]
         tiers = router.policy.choose(view, snapshots, now=t, rng=router.rng)
         replica_id = tiers[0][0] if tiers and tiers[0] else self.replicas[0].replica_id
+        prompt_tokens = router.uncached_prompt(view, replica_id)
         router.policy.on_routed(view, replica_id, now=t)
-        router.accounting.on_routed(tr.request_id, replica_id, now=t, prompt_tokens=tr.num_prompt_tokens,
+        router.accounting.on_routed(tr.request_id, replica_id, now=t, prompt_tokens=prompt_tokens,
                                     decode_tokens=router.expected_decode(view))
         self.owner[tr.request_id] = router
         return replica_id

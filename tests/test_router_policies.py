@@ -438,7 +438,7 @@ def test_sal_equal_score_prefers_the_replica_that_fits():
 
 
 def test_sal_prefers_the_replica_holding_the_prefix():
-    policy = sal()
+    policy = sal(prefix_credit_weight=1.0)  # the plain finish-time estimate
     shared = req(prompt=100, hashes=(1, 2, 3, 4, 5))  # 5 blocks of 16 tokens cached on "holder"
     routed(policy, shared, "holder")
     replicas = [snap("holder", num_waiting_prompt_tokens=60), snap("other", num_waiting_prompt_tokens=0)]
@@ -476,7 +476,7 @@ def test_sal_credit_caps_at_prompt_minus_one():
 
 
 def test_sal_prefix_credit_reduces_kv_need():
-    policy = sal()
+    policy = sal(prefix_credit_weight=1.0)
     request = req(prompt=160, hashes=tuple(range(10)))  # 10 blocks of 16: needs 10 KV blocks uncached
     routed(policy, request, "holder")
     replicas = [snap("holder", **kv(2, num_waiting_prompt_tokens=150)), snap("other", **kv(2))]
@@ -486,6 +486,27 @@ def test_sal_prefix_credit_reduces_kv_need():
     roomy = [snap("holder", **kv(20, num_waiting_prompt_tokens=150)), snap("other", **kv(2))]
     # holder now fits: 150 + 1 = 151 < 160
     assert order(policy, roomy, request) == ["holder", "other"]
+
+
+@pytest.mark.parametrize("weight,expected", [(1.0, ["other", "holder"]), (2.0, ["other", "holder"]),
+                                             (4.0, ["holder", "other"]), (8.0, ["holder", "other"])],
+                         ids=["w1", "w2", "w4", "w8"])
+def test_sal_prefix_credit_weight_strengthens_affinity(weight, expected):
+    policy = sal(prefix_credit_weight=weight)
+    shared = req(prompt=100, hashes=(1, 2, 3, 4, 5))  # credit 80 tokens on "holder"
+    routed(policy, shared, "holder")
+    # holder: 200 + 20 - (w - 1) * 80; other: 0 + 100  ->  holder wins once (w - 1) * 80 > 120, i.e. w > 2.5
+    replicas = [snap("holder", num_waiting_prompt_tokens=200), snap("other", num_waiting_prompt_tokens=0)]
+    assert order(policy, replicas, shared) == expected
+
+
+def test_sal_uncached_prompt_tokens_is_the_cost_on_that_replica():
+    policy = sal()
+    shared = req(prompt=100, hashes=(1, 2, 3, 4, 5))
+    routed(policy, shared, "holder")
+    assert policy.uncached_prompt_tokens(shared, "holder") == 20
+    assert policy.uncached_prompt_tokens(shared, "other") == 100
+    assert sal(use_prefix_credit=False).uncached_prompt_tokens(shared, "holder") == 100
 
 
 def test_sal_expected_decode_tokens_follows_the_estimator():

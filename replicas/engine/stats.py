@@ -4,7 +4,8 @@ Keys and meaning are ReplicaSnapshot's published fields (router/types.py):
 
   num_running, num_waiting          requests in the engine
   num_waiting_prompt_tokens         tokens still to prefill: waiting requests (incl. preempted ones, which
-                                    recompute) plus the unfinished prefill chunks of running requests
+                                    recompute), net of the prefix-cache hits they would get now, plus the
+                                    unfinished prefill chunks of running requests
   num_decode_tokens_remaining       sum over requests of the estimator's expected remaining output tokens
   num_free_blocks, num_total_blocks, block_size
   decode_cost_ratio                 latency model's decode-token cost in prefill-token equivalents at the
@@ -33,8 +34,11 @@ def engine_stats(
     decode_left = 0.0
     context = 0
     remaining = estimator.expected_remaining
+    pool, bs = scheduler.pool, scheduler.block_size
     for r in scheduler.waiting:
-        waiting_tokens += r.num_tokens - r.num_computed_tokens
+        # Net of prefix-cache hits (what admission will find now): cache-friendly queues are cheaper.
+        hits = len(pool.find_cached_prefix(r)) * bs if r.num_computed_tokens == 0 else 0
+        waiting_tokens += r.num_tokens - r.num_computed_tokens - hits
         decode_left += remaining(r.max_tokens, r.num_output_tokens)
     for r in scheduler.running:
         left = r.num_tokens - r.num_computed_tokens
