@@ -259,20 +259,24 @@ def test_growth_reserve_formula(running, horizon, expected):
     assert policy.growth_reserve(view) == expected
 
 
-# can_admit: free - reserve >= blocks_now. Running a (n 9, 3 blocks held, reserve 1 at H = 4) with 4 free.
-@pytest.mark.parametrize("free,blocks_now,kw,admit", [
+# can_admit: free - reserve >= m_r (blocks for the whole prompt after hits, not this step's chunk).
+# Running a (n 9, 3 blocks held, reserve 1 at H = 4) with `free` free blocks; the chunk needs 1 block.
+@pytest.mark.parametrize("free,blocks_prompt,kw,admit", [
     (4, 3, {}, True),  # 4 - 1 = 3 >= 3 (equality admits)
     (4, 4, {}, False),  # fits the free blocks, not the free blocks minus the reserve
     (3, 3, {}, False),
     (4, 4, {"horizon_tokens": 0}, True),  # no reserve with a zero horizon
     (4, 4, {"growth_reserve": False}, True),  # element off: always (the allocation checks the fit)
     (0, 9, {"growth_reserve": False}, True),
-], ids=["equality-admits", "reserve-refuses", "fewer-free", "horizon-0", "off", "off-even-if-no-room"])
-def test_can_admit(free, blocks_now, kw, admit):
+    (4, 6, {}, False),  # a 1-block first chunk does not hide a 6-block prompt
+], ids=["equality-admits", "reserve-refuses", "fewer-free", "horizon-0", "off", "off-even-if-no-room",
+        "whole-prompt-not-chunk"])
+def test_can_admit(free, blocks_prompt, kw, admit):
     policy = larry(**{"growth_reserve": True, **kw})
     a = Req("a", 8, max_tokens=10, num_output_tokens=1)
     view = View(num_free_blocks=free, running=[a], held={"a": 3})
-    admission = Admission(Req("w", 12), num_hit_tokens=0, num_new_tokens=12, blocks_now=blocks_now, blocks_full=4)
+    admission = Admission(Req("w", 12), num_hit_tokens=0, num_new_tokens=4, blocks_now=1, blocks_full=9,
+                          blocks_prompt=blocks_prompt)
     assert policy.can_admit(admission, view) is admit
 
 

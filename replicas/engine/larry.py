@@ -15,7 +15,7 @@ Three independent elements, each switchable for ablations:
 
 2. Growth reserve at admission (``growth_reserve``). A request is admitted only if
 
-       free_blocks - reserve >= blocks it consumes now
+       free_blocks - reserve >= m_r  (blocks for its whole prompt after hits, not just this step's chunk)
        reserve = sum over running r of blocks r needs to grow ``horizon_tokens`` more tokens
                  (capped at r's prompt + max_tokens)
 
@@ -121,7 +121,9 @@ class LarryPolicy(EnginePolicy):
     def can_admit(self, admission: Admission, view: EngineView) -> bool:
         if not self.params.growth_reserve:
             return True
-        return view.num_free_blocks - self.growth_reserve(view) >= admission.blocks_now
+        # m_r is the whole prompt after hits: admitting a first chunk that cannot grow into its prompt
+        # only sets up a preemption.
+        return view.num_free_blocks - self.growth_reserve(view) >= admission.blocks_prompt
 
     def growth_reserve(self, view: EngineView) -> int:
         bs = view.block_size

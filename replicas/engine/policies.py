@@ -64,7 +64,8 @@ class Admission:
     """One admission attempt, as the scheduler computed it.
 
     ``blocks_now``: free blocks this step's allocation consumes (prefix hits counted as vLLM does);
-    ``blocks_full``: free blocks needed to hold prompt + max_tokens (after hits).
+    ``blocks_prompt``: free blocks needed to hold all its current tokens (the whole prompt, after hits),
+    whatever this step's chunk; ``blocks_full``: free blocks needed to hold prompt + max_tokens (after hits).
     """
 
     request: RequestLike
@@ -72,6 +73,7 @@ class Admission:
     num_new_tokens: int
     blocks_now: int
     blocks_full: int
+    blocks_prompt: int = 0
 
 
 class EnginePolicy:

@@ -237,6 +237,7 @@ class Scheduler:
             num_new_tokens=num_new,
             blocks_now=pool.blocks_needed(request, computed + num_new, hits),
             blocks_full=pool.blocks_needed(request, request.num_total_tokens_max, hits),
+            blocks_prompt=pool.blocks_needed(request, request.num_tokens, hits),
         )
         if not self.policy.can_admit(admission, self):
             return False
