@@ -4,6 +4,8 @@
                 >= 20,000 on the Azure conversation trace, 4 H100 replicas, fcfs, sal), with the jump over
                 identical decode steps on, and the step-by-step reference on a slice, in the same run
   bench router  microseconds per policy.choose() call at 4/16/64/256 replicas (target < 50 us at 64)
+  bench serve   requests/s through the full HTTP path with instant simulated replicas, halffull's router vs
+                Ray's default, same run (target ratio >= 0.95); starts a local loopback-only Ray cluster
 """
 
 from __future__ import annotations
@@ -52,15 +54,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"({r['slice_jump_requests_per_s'] / r['slice_step_requests_per_s']:.1f}x)")
         print("  target: >= 20,000 requests/s")
         return 0
+    if args.what == "serve":
+        from loadtest import bench_serve
+
+        bench_serve.main([])
+        return 0
     from loadtest import bench_router
 
-    bench_router.main()
+    bench_router.main([])
     return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks that print figures")
-    p.add_argument("what", choices=["sim", "router"])
+    p.add_argument("what", choices=["sim", "router", "serve"])
     p.add_argument("--trace", default="azure_conv")
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--router", default="sal")

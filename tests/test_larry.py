@@ -455,11 +455,6 @@ def test_sim_replica_survives_self_preemption():
     assert b.finish_time < a.finish_time < 1.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (replicas/sim/realtime.py AsyncSimEngine._loop): a step that only preempts (LARRY's victim is the "
-    "requesting request itself and it is not last in running, so the running loop stops before scheduling "
-    "anyone) has an empty num_scheduled_tokens; _loop reads out.is_empty as 'nothing can run' and waits for "
-    "an arrival or abort that never comes: both requests hang. virtual.py checks `and not out.preempted`."))
 def test_realtime_engine_survives_self_preemption():
     from replicas.backend import GenerateRequest
     from replicas.sim.realtime import AsyncSimEngine

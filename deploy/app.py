@@ -1,0 +1,649 @@
+"""The OpenAI-compatible ingress and the app builder: ``serve run deploy/serve_config.yaml``.
+
+::
+
+    client -> Serve HTTP proxy (127.0.0.1:8000) -> OpenAIIngress (this file, FastAPI)
+        validate -> tokenize once (deploy/tokenizer.py) -> routing kwarg: token count + prefix hashes
+        -> DeploymentHandle(LLMReplica) -> HalffullRequestRouter (router/serve_router.py) -> policy.choose
+        -> LLMReplica (replicas/deployment.py) -> engine backend -> token ids streamed back -> text / SSE
+
+Endpoints
+  POST /v1/completions        prompt: string, [string], token ids, or [token ids] (one prompt per request)
+  POST /v1/chat/completions   messages -> the chat template of deploy/tokenizer.py
+  GET  /v1/models             the one served model
+  GET  /health                200 {"status": "ok"} while the ingress is up
+  GET  /metrics               halffull's Prometheus metrics, read from this node's Ray metrics agent
+
+Request fields honoured: ``model`` (must be the served name; else 404), ``max_tokens`` (chat also
+``max_completion_tokens``; default: the rest of the context, as vLLM), ``stream``,
+``stream_options.include_usage``, ``ignore_eos`` (vLLM extra: run to ``max_tokens``; otherwise the simulated
+model stops at its pseudo-EOS length, 16-256 tokens derived from the prompt: replicas/sim/realtime.py),
+``priority`` (vLLM extra; lower runs first under the ``priority`` engine policy). Sampling fields
+(temperature, top_p, seed, stop, penalties, user) are type-checked and otherwise ignored: the simulated model's
+output is deterministic. Not supported (400 when set to a non-default value): ``n`` > 1, ``best_of`` > 1,
+``echo``, ``logprobs``.
+
+Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 for malformed JSON, missing
+or ill-typed fields, bad ``max_tokens``, prompts beyond the context (``code: context_length_exceeded``); 404
+for an unknown model or path; 405 for a wrong method; 503 when the replica serving the request died
+(``code: replica_unavailable``; retrying goes to another replica). A stream that fails after it started ends
+with one ``data: {"error": ...}`` event and ``data: [DONE]``.
+
+Routing data (computed once per request): the prompt's token count and chained hashes of its full blocks of
+``prefix_block_size`` tokens (default 64: fine enough to credit a shared system prompt, coarse enough to keep
+the router's prefix index and the call small; 4 engine blocks of 16), passed as the ``routing`` keyword
+argument (router/serve_router.py). The router reads them; the replica ignores them.
+
+Metrics (``ray.serve.metrics``: every process reports to its node's Ray metrics agent, so the series from all
+ingress replicas aggregate in Prometheus). Scrape each Ray node's metrics agent,
+``http://127.0.0.1:<metrics export port>/metrics`` (fix the port with ``ray start --metrics-export-port``;
+Ray's Prometheus service discovery file lists all nodes), or read ``GET /metrics`` here, which returns this
+node's ``halffull_*`` series. Names (Ray prefixes them with ``ray_``):
+  halffull_requests_total{endpoint, status}                 requests by HTTP status
+  halffull_routed_requests_total{llm_replica, policy}       which replica served each request (the routing
+                                                            decision that stuck, after any rejection)
+  halffull_ttft_seconds, halffull_tpot_seconds, halffull_e2e_seconds   histograms (DESIGN.md §7 definitions,
+                                                            measured at the ingress)
+  halffull_prompt_tokens_total, halffull_output_tokens_total, halffull_cached_prompt_tokens_total
+  halffull_preemptions_total                                preemptions suffered by finished requests
+
+App arguments (``build_app``; YAML ``args``): see ``AppConfig``.
+"""
+
+import asyncio
+import dataclasses
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from ray import serve
+from ray.serve import metrics
+from ray.serve.config import RequestRouterConfig
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deploy.tokenizer import CHAT_ROLES, SimTokenizer
+from replicas.deployment import MAX_ONGOING_REQUESTS, LLMReplica, bind_replica_grpc_to_node_ip
+from replicas.engine.policies import make_engine_policy
+from replicas.sim.latency import LatencyModel
+from replicas.sim.realtime import SimEngineConfig
+from router import serve_router
+from router.registry import make_policy
+
+logger = logging.getLogger("ray.serve")
+
+RAY_DEFAULT_ROUTER = "ray_default"  # Ray Serve's own PowerOfTwoChoicesRequestRouter (baseline)
+TOKEN_ID_LIMIT = 1 << 40  # the simulated tokenizer's ids are below this
+_MAX_INT = 1 << 62
+
+
+# ---- app configuration ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AppConfig:
+    """``serve_config.yaml`` ``args``. Unknown keys fail; every default lives here."""
+
+    num_replicas: int = 4  # LLMReplica replicas
+    router: str = "sal"  # a router.registry name, or "ray_default" (Ray's power-of-two router)
+    router_params: Mapping[str, Any] = field(default_factory=dict)
+    router_seed: int | None = None
+    stats_period_s: float = 0.5  # request_routing_stats_period_s
+    engine_policy: str = "larry"  # replicas.engine.policies name
+    engine_params: Mapping[str, Any] = field(default_factory=dict)
+    gpu: str = "h100"
+    model: str = "llama3-8b"
+    speedup: float = 1.0  # simulated step times are divided by this
+    engine: Mapping[str, Any] = field(default_factory=dict)  # further SimEngineConfig options
+    served_model_name: str | None = None  # default: the model profile name
+    prefix_block_size: int = 64  # tokens per router prefix hash
+    max_ongoing_requests: int = MAX_ONGOING_REQUESTS  # per LLMReplica
+    replica_num_cpus: float = 0.0
+    ingress_replicas: int = 1
+    ingress_max_ongoing_requests: int = 4096
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any] | None) -> "AppConfig":
+        args = dict(args or {})
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - valid)
+        if unknown:
+            raise ValueError(f"unknown app argument(s) {unknown}; valid: {sorted(valid)}")
+        if isinstance(args.get("speedup"), str):
+            args["speedup"] = float(args["speedup"])
+        config = cls(**args)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        if self.router != RAY_DEFAULT_ROUTER:
+            make_policy(self.router, self.router_params)  # unknown names / params fail here, not in Serve
+        if self.num_replicas < 1 or self.ingress_replicas < 1:
+            raise ValueError("num_replicas and ingress_replicas must be >= 1")
+        if self.prefix_block_size < 1:
+            raise ValueError("prefix_block_size must be >= 1")
+        engine = self.engine_config()
+        make_engine_policy(engine.engine_policy, dict(engine.engine_params))  # fail here, not in every replica
+        LatencyModel.from_profile(engine.gpu, engine.model, engine.tp)
+
+    def engine_config(self) -> SimEngineConfig:
+        overlap = {"gpu", "model", "speedup", "engine_policy", "engine_params"} & set(self.engine)
+        if overlap:
+            raise ValueError(f"set {sorted(overlap)} at the top level of the app arguments, not under engine")
+        return SimEngineConfig.from_dict({
+            **self.engine, "gpu": self.gpu, "model": self.model, "speedup": self.speedup,
+            "engine_policy": self.engine_policy, "engine_params": dict(self.engine_params),
+            "output_vocab": SimTokenizer.output_vocab(),
+        })
+
+    def max_model_len(self) -> int:
+        engine = self.engine_config()
+        return engine.max_model_len or LatencyModel.from_profile(engine.gpu, engine.model, engine.tp).model.max_model_len
+
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+
+def build_app(args: Mapping[str, Any] | None = None):
+    """The Serve application: ``OpenAIIngress`` in front of ``num_replicas`` ``LLMReplica``s."""
+    config = AppConfig.from_args(args)
+    engine = config.engine_config()
+    engine_dict = {f.name: getattr(engine, f.name) for f in dataclasses.fields(engine)}
+    engine_dict["output_vocab"] = list(engine.output_vocab or ())
+    engine_dict["engine_params"] = dict(engine.engine_params)
+    router_config = {"request_routing_stats_period_s": config.stats_period_s,
+                     "request_routing_stats_timeout_s": max(2.0, 4 * config.stats_period_s)}
+    if config.router != RAY_DEFAULT_ROUTER:
+        router_config.update(
+            request_router_class="router.serve_router:HalffullRequestRouter",
+            request_router_kwargs={"policy": config.router, "policy_params": dict(config.router_params),
+                                   "seed": config.router_seed},
+        )
+    llm = LLMReplica.options(
+        num_replicas=config.num_replicas,
+        max_ongoing_requests=config.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.replica_num_cpus},
+        request_router_config=RequestRouterConfig(**router_config),
+    ).bind(backend="sim", engine=engine_dict)
+    return OpenAIIngress.options(
+        num_replicas=config.ingress_replicas,
+        max_ongoing_requests=config.ingress_max_ongoing_requests,
+    ).bind(llm, dataclasses.asdict(config))
+
+
+# ---- errors --------------------------------------------------------------------------------------------
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def _bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+# ---- request validation (pure functions, unit-tested) ----------------------------------------------------
+def parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _bad(f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise _bad("Request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _optional(body: Mapping[str, Any], key: str, check, expected: str):
+    value = body.get(key)
+    if value is not None and not check(value):
+        raise _bad(f"'{key}' must be {expected}, got {json.dumps(value)[:80]}", key, code="invalid_type")
+    return value
+
+
+def _check_common(body: Mapping[str, Any]) -> None:
+    _optional(body, "stream", lambda v: isinstance(v, bool), "a boolean")
+    _optional(body, "ignore_eos", lambda v: isinstance(v, bool), "a boolean")
+    _optional(body, "priority", lambda v: _is_int(v) and abs(v) < _MAX_INT, "an integer")
+    _optional(body, "temperature", lambda v: _is_number(v) and 0 <= v <= 2, "a number in [0, 2]")
+    _optional(body, "top_p", lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]")
+    _optional(body, "presence_penalty", lambda v: _is_number(v) and -2 <= v <= 2, "a number in [-2, 2]")
+    _optional(body, "frequency_penalty", lambda v: _is_number(v) and -2 <= v <= 2, "a number in [-2, 2]")
+    _optional(body, "seed", _is_int, "an integer")
+    _optional(body, "user", lambda v: isinstance(v, str), "a string")
+    _optional(body, "stop", lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v)),
+              "a string or a list of strings")
+    options = _optional(body, "stream_options", lambda v: isinstance(v, dict), "an object")
+    if options is not None:
+        _optional(options, "include_usage", lambda v: isinstance(v, bool), "a boolean")
+    n = _optional(body, "n", _is_int, "an integer")
+    if n is not None and n != 1:
+        raise _bad("only n = 1 is supported", "n")
+    best_of = _optional(body, "best_of", _is_int, "an integer")
+    if best_of is not None and best_of != 1:
+        raise _bad("only best_of = 1 is supported", "best_of")
+    if body.get("echo"):
+        raise _bad("echo is not supported", "echo")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise _bad("logprobs are not supported", "logprobs")
+
+
+def _check_token_ids(ids: list, param: str) -> list[int]:
+    if not all(_is_int(t) and 0 <= t < TOKEN_ID_LIMIT for t in ids):
+        raise _bad(f"'{param}' token ids must be integers in [0, {TOKEN_ID_LIMIT})", param)
+    return ids
+
+
+def completion_prompt_ids(body: Mapping[str, Any], tokenizer: SimTokenizer, max_model_len: int) -> list[int]:
+    if "prompt" not in body or body["prompt"] is None:
+        raise _bad("'prompt' is required", "prompt", code="missing_required_parameter")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # one prompt in a batch of one
+    if isinstance(prompt, str):
+        _check_text_size(len(prompt), max_model_len, "prompt")
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        ids = _check_token_ids(prompt, "prompt")
+    elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+        raise _bad("batched prompts are not supported: send one prompt per request", "prompt")
+    else:
+        raise _bad("'prompt' must be a string, a list of token ids, or a list with one of those", "prompt",
+                   code="invalid_type")
+    if not ids:
+        raise _bad("'prompt' must not be empty", "prompt")
+    return ids
+
+
+def chat_prompt_ids(body: Mapping[str, Any], tokenizer: SimTokenizer, max_model_len: int) -> list[int]:
+    if "messages" not in body or body["messages"] is None:
+        raise _bad("'messages' is required", "messages", code="missing_required_parameter")
+    messages = body["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty list", "messages", code="invalid_type")
+    size = 0
+    for i, message in enumerate(messages):
+        param = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _bad(f"'{param}' must be an object", param, code="invalid_type")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise _bad(f"'{param}.role' must be one of {sorted(CHAT_ROLES)}, got {json.dumps(role)[:40]}",
+                       f"{param}.role")
+        content = message.get("content")
+        if content is None and role != "assistant":
+            raise _bad(f"'{param}.content' is required", f"{param}.content", code="missing_required_parameter")
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise _bad(f"'{param}.content' parts must be {{\"type\": \"text\", \"text\": string}} objects",
+                           f"{param}.content")
+            size += sum(len(p["text"]) for p in content)
+        elif content is not None and not isinstance(content, str):
+            raise _bad(f"'{param}.content' must be a string or a list of text parts", f"{param}.content",
+                       code="invalid_type")
+        else:
+            size += len(content or "")
+    _check_text_size(size, max_model_len, "messages")
+    return tokenizer.apply_chat_template(messages)
+
+
+def _check_text_size(num_chars: int, max_model_len: int, param: str) -> None:
+    # Every token covers at most 4 bytes and every character is at least 1 byte, so a text of more than
+    # 4 * max_model_len characters has more than max_model_len tokens; refuse it before tokenizing.
+    if num_chars > 4 * max_model_len:
+        raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens; the {param} is "
+                       f"far longer ({num_chars} characters).", param=param, code="context_length_exceeded")
+
+
+def resolve_max_tokens(body: Mapping[str, Any], num_prompt: int, max_model_len: int, *, chat: bool) -> int:
+    key = "max_tokens"
+    value = body.get("max_tokens")
+    if chat and body.get("max_completion_tokens") is not None:
+        key, value = "max_completion_tokens", body["max_completion_tokens"]
+    prompt_param = "messages" if chat else "prompt"
+    if num_prompt >= max_model_len:
+        raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. However, your "
+                       f"request has {num_prompt} input tokens. Please reduce the length of the input.",
+                       param=prompt_param, code="context_length_exceeded")
+    if value is None:
+        return max_model_len - num_prompt  # vLLM's default: the rest of the context
+    if not _is_int(value):
+        raise _bad(f"'{key}' must be an integer, got {json.dumps(value)[:40]}", key, code="invalid_type")
+    if value < 1:
+        raise _bad(f"'{key}' must be at least 1, got {value}", key)
+    if num_prompt + value > max_model_len:
+        raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
+                       f"requested {num_prompt + value} tokens ({num_prompt} in the {prompt_param}, {value} in "
+                       f"the completion). Please reduce the length of the {prompt_param} or completion.",
+                       param=key, code="context_length_exceeded")
+    return value
+
+
+# ---- metrics -------------------------------------------------------------------------------------------
+_TTFT_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
+_TPOT_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.2, 0.5, 1.0]
+_E2E_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
+
+
+class _Metrics:
+    def __init__(self, policy: str):
+        self.policy = policy
+        self.requests = metrics.Counter("halffull_requests", "Requests by endpoint and HTTP status.",
+                                        tag_keys=("endpoint", "status"))
+        self.routed = metrics.Counter("halffull_routed_requests", "Requests served, by LLM replica.",
+                                      tag_keys=("llm_replica", "policy"))
+        self.ttft = metrics.Histogram("halffull_ttft_seconds", "Time to first token.", boundaries=_TTFT_BUCKETS)
+        self.tpot = metrics.Histogram("halffull_tpot_seconds", "Time per output token after the first.",
+                                      boundaries=_TPOT_BUCKETS)
+        self.e2e = metrics.Histogram("halffull_e2e_seconds", "Request latency, arrival to last token.",
+                                     boundaries=_E2E_BUCKETS)
+        self.prompt_tokens = metrics.Counter("halffull_prompt_tokens", "Prompt tokens of finished requests.")
+        self.cached_tokens = metrics.Counter("halffull_cached_prompt_tokens", "Prompt tokens served from cache.")
+        self.output_tokens = metrics.Counter("halffull_output_tokens", "Output tokens generated.")
+        self.preemptions = metrics.Counter("halffull_preemptions", "Preemptions of finished requests.")
+
+    def status(self, endpoint: str, status: int) -> None:
+        self.requests.inc(tags={"endpoint": endpoint, "status": str(status)})
+
+    def finished(self, run: "_Run") -> None:
+        end = run.end or {}
+        self.routed.inc(tags={"llm_replica": run.replica or "unknown", "policy": self.policy})
+        if run.first_token_time is not None:
+            ttft = run.first_token_time - run.arrival
+            self.ttft.observe(ttft)
+            e2e = run.last_token_time - run.arrival
+            self.e2e.observe(e2e)
+            if run.num_tokens > 1:
+                self.tpot.observe((e2e - ttft) / (run.num_tokens - 1))
+        self.prompt_tokens.inc(end.get("num_prompt_tokens", 0) or 0)
+        if end.get("num_cached_tokens"):
+            self.cached_tokens.inc(end["num_cached_tokens"])
+        if run.num_tokens:
+            self.output_tokens.inc(run.num_tokens)
+        if end.get("num_preemptions"):
+            self.preemptions.inc(end["num_preemptions"])
+
+
+# ---- one request's run against the LLM deployment ---------------------------------------------------------
+class _Run:
+    """Consumes the replica's stream: start event, token ids, end event."""
+
+    def __init__(self, stream, request_id: str, arrival: float):
+        self.stream = stream
+        self.request_id = request_id
+        self.arrival = arrival
+        self.replica: str | None = None
+        self.end: dict[str, Any] | None = None
+        self.num_tokens = 0
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
+
+    async def start(self) -> None:
+        first = await self.stream.__anext__()
+        if not (isinstance(first, dict) and first.get("event") == "start"):
+            raise RuntimeError(f"unexpected first stream item {first!r}")
+        self.replica = first.get("replica")
+
+    async def tokens(self) -> AsyncIterator[int]:
+        async for item in self.stream:
+            if isinstance(item, dict):
+                if item.get("event") == "end":
+                    self.end = item
+                continue
+            now = time.perf_counter()
+            if self.first_token_time is None:
+                self.first_token_time = now
+            self.last_token_time = now
+            self.num_tokens += 1
+            yield item
+
+    @property
+    def finish_reason(self) -> str:
+        return (self.end or {}).get("finish_reason") or "stop"
+
+    def usage(self) -> dict[str, Any]:
+        end = self.end or {}
+        prompt = end.get("num_prompt_tokens", 0)
+        return {"prompt_tokens": prompt, "completion_tokens": self.num_tokens,
+                "total_tokens": prompt + self.num_tokens,
+                "prompt_tokens_details": {"cached_tokens": end.get("num_cached_tokens", 0)}}
+
+    def cancel(self) -> None:
+        try:
+            self.stream.cancel()
+        except Exception:  # already finished
+            pass
+
+
+def _classify(exc: BaseException) -> ApiError:
+    """A failure from the LLM deployment as an HTTP error."""
+    import ray.exceptions as rex
+
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ValueError):  # the replica's validate(): the request can never run
+        message = str(exc).strip().splitlines()[-1].removeprefix("ValueError: ")
+        return _bad(message[:500], code="invalid_request")
+    if isinstance(exc, (rex.RayActorError, rex.ActorUnavailableError)):
+        return ApiError(503, "The model replica serving this request failed; retry the request.",
+                        code="replica_unavailable")
+    if isinstance(exc, serve.exceptions.BackPressureError):
+        return ApiError(503, "The service is overloaded; retry later.", code="overloaded")
+    logger.error("halffull ingress: request failed: %r", exc)
+    return ApiError(500, f"Internal error: {type(exc).__name__}", code="internal_error")
+
+
+def _node_metrics_text() -> str:
+    """This node's halffull_* series from the Ray metrics agent (blocking; run in a thread)."""
+    import urllib.request
+
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    node = next((n for n in ray.nodes() if n.get("NodeID") == node_id), None)
+    if node is None or not node.get("MetricsExportPort"):
+        return "# no metrics agent found on this node\n"
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    return "".join(line + "\n" for line in text.splitlines() if "halffull_" in line)
+
+
+# ---- the ingress deployment ----------------------------------------------------------------------------
+# serve.ingress pickles the FastAPI app (and so the route methods) when the class is decorated: every module
+# name the methods use must be defined above this line. No ``from __future__ import annotations`` in this
+# module: FastAPI must resolve ``request: Request`` from the pickled methods' own globals.
+fastapi_app = FastAPI(title="halffull OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@fastapi_app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return ApiError(exc.status_code, str(exc.detail), code=code).response()
+
+
+@fastapi_app.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("halffull ingress: unhandled error")
+    return ApiError(500, f"Internal error: {type(exc).__name__}", code="internal_error").response()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=4096, graceful_shutdown_timeout_s=5.0,
+                  graceful_shutdown_wait_loop_s=0.5)
+@serve.ingress(fastapi_app)
+class OpenAIIngress:
+    def __init__(self, llm, config: Mapping[str, Any]):
+        bind_replica_grpc_to_node_ip()
+        self.config = AppConfig.from_args(config)
+        self.llm = llm.options(stream=True).generate
+        self.tokenizer = SimTokenizer()
+        self.model = self.config.model_name()
+        self.max_model_len = self.config.max_model_len()
+        self.prefix_block_size = self.config.prefix_block_size
+        self.created = int(time.time())
+        self.metrics = _Metrics(self.config.router)
+
+    # ---- plain endpoints -------------------------------------------------------------------------------
+    @fastapi_app.get("/health")
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @fastapi_app.get("/v1/models")
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{
+            "id": self.model, "object": "model", "created": self.created, "owned_by": "halffull",
+            "max_model_len": self.max_model_len, "root": self.config.model,
+        }]}
+
+    @fastapi_app.get("/metrics")
+    async def prometheus(self) -> PlainTextResponse:
+        text = await asyncio.get_running_loop().run_in_executor(None, _node_metrics_text)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    # ---- generation ------------------------------------------------------------------------------------
+    @fastapi_app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._serve(request, chat=False)
+
+    @fastapi_app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._serve(request, chat=True)
+
+    async def _serve(self, request: Request, *, chat: bool):
+        endpoint = "chat" if chat else "completions"
+        arrival = time.perf_counter()
+        try:
+            body = parse_body(await request.body())
+            prompt_ids, max_tokens = self._validate(body, chat=chat)
+        except ApiError as err:
+            self.metrics.status(endpoint, err.status)
+            return err.response()
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        call = {"request_id": request_id, "prompt_token_ids": prompt_ids, "max_tokens": max_tokens,
+                "ignore_eos": bool(body.get("ignore_eos")), "priority": body.get("priority") or 0}
+        routing = serve_router.routing_kwarg(request_id, prompt_ids, max_tokens,
+                                             prefix_block_size=self.prefix_block_size)
+        run = _Run(self.llm.remote(call, routing=routing), request_id, arrival)
+        try:
+            await run.start()  # routed and accepted: errors until here are still HTTP errors
+        except asyncio.CancelledError:
+            run.cancel()
+            raise
+        except Exception as exc:
+            return self._failed(run, exc, endpoint)
+        headers = {"x-request-id": request_id, "x-halffull-replica": run.replica or ""}
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            events = self._sse(run, request_id, chat=chat, include_usage=include_usage, endpoint=endpoint)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        try:
+            token_ids = [t async for t in run.tokens()]
+        except asyncio.CancelledError:  # the client went away: stop the replica's work
+            run.cancel()
+            raise
+        except Exception as exc:
+            return self._failed(run, exc, endpoint)
+        self._finished(run, endpoint, 200)
+        text = self.tokenizer.decode(token_ids)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": run.finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": run.finish_reason}
+        payload = {"id": request_id, "object": "chat.completion" if chat else "text_completion",
+                   "created": int(time.time()), "model": self.model, "choices": [choice], "usage": run.usage()}
+        return JSONResponse(payload, headers=headers)
+
+    def _validate(self, body: Mapping[str, Any], *, chat: bool) -> tuple[list[int], int]:
+        model = body.get("model")
+        if model is None:
+            raise _bad("'model' is required", "model", code="missing_required_parameter")
+        if not isinstance(model, str):
+            raise _bad("'model' must be a string", "model", code="invalid_type")
+        if model != self.model:
+            raise ApiError(404, f"The model '{model[:100]}' does not exist; this server serves '{self.model}'.",
+                           param="model", code="model_not_found")
+        _check_common(body)
+        if chat:
+            ids = chat_prompt_ids(body, self.tokenizer, self.max_model_len)
+        else:
+            ids = completion_prompt_ids(body, self.tokenizer, self.max_model_len)
+        return ids, resolve_max_tokens(body, len(ids), self.max_model_len, chat=chat)
+
+    def _failed(self, run: _Run, exc: Exception, endpoint: str) -> JSONResponse:
+        run.cancel()
+        err = _classify(exc)
+        self.metrics.status(endpoint, err.status)
+        return err.response()
+
+    def _finished(self, run: _Run, endpoint: str, status: int) -> None:
+        self.metrics.status(endpoint, status)
+        try:
+            self.metrics.finished(run)
+        except Exception:
+            logger.exception("halffull ingress: metrics failed")
+        if run.end is not None:
+            serve_router.report_completion(run.request_id, run.num_tokens)
+
+    async def _sse(self, run: _Run, request_id: str, *, chat: bool, include_usage: bool, endpoint: str):
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        decoder = self.tokenizer.stream_decoder()
+
+        def chunk(delta_or_text: Any, finish_reason: str | None) -> str:
+            if chat:
+                choice = {"index": 0, "delta": delta_or_text, "logprobs": None, "finish_reason": finish_reason}
+            else:
+                choice = {"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": finish_reason}
+            data = {"id": request_id, "object": obj, "created": created, "model": self.model, "choices": [choice]}
+            if include_usage:
+                data["usage"] = None
+            return f"data: {json.dumps(data)}\n\n"
+
+        done = False
+        try:
+            if chat:
+                yield chunk({"role": "assistant", "content": ""}, None)
+            async for token in run.tokens():
+                text = decoder.feed((token,))
+                if text:
+                    yield chunk({"content": text} if chat else text, None)
+            tail = decoder.flush()
+            if tail:
+                yield chunk({"content": tail} if chat else tail, None)
+            yield chunk({} if chat else "", run.finish_reason)
+            if include_usage:
+                data = {"id": request_id, "object": obj, "created": created, "model": self.model, "choices": [],
+                        "usage": run.usage()}
+                yield f"data: {json.dumps(data)}\n\n"
+            done = True
+            self._finished(run, endpoint, 200)
+        except Exception as exc:
+            err = _classify(exc)
+            self.metrics.status(endpoint, err.status)
+            yield f"data: {json.dumps(err.body())}\n\n"
+            done = True
+        finally:
+            if not done:  # the client went away: stop the replica's work
+                run.cancel()
+        yield "data: [DONE]\n\n"
+

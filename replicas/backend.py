@@ -1,0 +1,54 @@
+"""The engine backend interface the replica deployment hosts (simulated now, vLLM later). No Ray imports.
+
+A backend runs requests given as token ids and streams token ids back:
+
+    validate(request)             raise ValueError if it can never run (too long for the context / KV cache)
+    generate(request, outcome)    async iterator of output token ids; closing it early aborts the request;
+                                  ``outcome`` (optional) is filled in as the request runs and when it ends
+    abort(request_id)             drop a request, free its KV blocks
+    stats(now)                    the routing stats dict of replicas/engine/stats.py
+    check_health()                raise if the engine cannot serve
+    max_model_len                 context length (prompt + output tokens)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """What a backend needs to run one request."""
+
+    request_id: str
+    prompt_token_ids: Sequence[int]
+    max_tokens: int
+    ignore_eos: bool = False
+    priority: int = 0
+
+
+@dataclass
+class RequestOutcome:
+    """What happened to a request; ``finish_reason`` is None while it runs, then "stop", "length" or "abort"."""
+
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+    num_preemptions: int = 0
+    finish_reason: str | None = None
+
+
+class Backend(Protocol):
+    @property
+    def max_model_len(self) -> int: ...
+
+    def validate(self, request: GenerateRequest) -> None: ...
+
+    def generate(self, request: GenerateRequest, outcome: RequestOutcome | None = None) -> AsyncIterator[int]: ...
+
+    def abort(self, request_id: str) -> bool: ...
+
+    def stats(self, now: float | None = None) -> dict[str, Any]: ...
+
+    def check_health(self) -> None: ...

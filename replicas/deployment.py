@@ -1,0 +1,151 @@
+"""``LLMReplica``: the Ray Serve deployment that hosts one engine backend (replicas/backend.py).
+
+Call (from the ingress, deploy/app.py; the ``routing`` kwarg is for the router, router/serve_router.py)::
+
+    gen = handle.options(stream=True).generate.remote(request_dict, routing={...})
+
+``request_dict`` holds ``GenerateRequest``'s fields (request_id, prompt_token_ids, max_tokens, ignore_eos,
+priority). The stream is::
+
+    {"event": "start", "replica": "<replica unique id>"}        once accepted, before any token
+    <int>                                                        one output token id per engine step
+    {"event": "end", "finish_reason": "stop" | "length", "num_prompt_tokens", "num_cached_tokens",
+     "num_output_tokens", "num_preemptions"}
+
+A request the engine can never run (prompt + max_tokens beyond the context) raises ValueError before the
+start event. Cancelling the stream (the client went away) aborts the request in the engine, so its KV blocks
+return to the pool.
+
+``record_routing_stats()`` publishes the engine's stats (replicas/engine/stats.py keys) plus ``replica`` and
+the counters of ``counters()``; Serve polls it every ``request_routing_stats_period_s`` and hands it to the
+routers as ``RunningReplica.routing_stats``. The prefix-aware policies work from the router's own prefix
+index, so nothing else is published.
+
+Backends: ``"sim"`` (replicas/sim/realtime.py, options: ``SimEngineConfig``). A vLLM backend plugs in through
+``make_backend``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping
+
+from ray import serve
+
+from replicas.backend import Backend, GenerateRequest, RequestOutcome
+
+# Defaults for the Serve options; the app builder (deploy/app.py) may override them.
+MAX_ONGOING_REQUESTS = 512  # the engine itself queues (max_num_seqs 256 running + waiting)
+
+
+def bind_replica_grpc_to_node_ip() -> None:
+    """Keep this Serve replica's inter-deployment gRPC server off the other interfaces.
+
+    Ray 2.60 starts it on ``[::]:0`` (all interfaces; hard-coded in ray/serve/_private/replica.py, after the
+    user constructor ran). Rebinding it to the node's own IP keeps a local cluster started on 127.0.0.1
+    loopback-only and changes nothing reachable for a multi-node cluster (peers dial the node IP). Call from a
+    deployment's constructor; idempotent.
+    """
+    import ray
+    import ray.serve._private.replica as replica_module
+
+    original = replica_module.add_port_to_grpc_server
+    if getattr(original, "_halffull_node_ip", False):
+        return
+    node_ip = ray.util.get_node_ip_address()
+    host = f"[{node_ip}]" if ":" in node_ip else node_ip
+
+    def add_port(server, address):
+        if address == "[::]:0":
+            address = f"{host}:0"
+        return original(server, address)
+
+    add_port._halffull_node_ip = True
+    replica_module.add_port_to_grpc_server = add_port
+
+
+def make_backend(kind: str, options: Mapping[str, Any] | None) -> Backend:
+    if kind == "sim":
+        from replicas.sim.realtime import AsyncSimEngine
+
+        return AsyncSimEngine.from_config(options)
+    raise ValueError(f"unknown backend {kind!r}; valid: sim")
+
+
+@serve.deployment(
+    max_ongoing_requests=MAX_ONGOING_REQUESTS,
+    ray_actor_options={"num_cpus": 0},
+    health_check_period_s=2.0,
+    health_check_timeout_s=10.0,
+    graceful_shutdown_wait_loop_s=0.5,
+    graceful_shutdown_timeout_s=5.0,
+)
+class LLMReplica:
+    def __init__(self, backend: str = "sim", engine: Mapping[str, Any] | None = None):
+        bind_replica_grpc_to_node_ip()
+        self.backend = make_backend(backend, engine)
+        try:
+            self.replica_id = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # constructed outside Serve (tests)
+            self.replica_id = "local"
+        self.num_requests = 0
+        self.num_finished = 0
+        self.num_aborted = 0
+        self.num_output_tokens = 0
+
+    async def generate(self, request: Mapping[str, Any], routing: Mapping[str, Any] | None = None):
+        spec = GenerateRequest(
+            request_id=str(request["request_id"]),
+            prompt_token_ids=request["prompt_token_ids"],
+            max_tokens=int(request["max_tokens"]),
+            ignore_eos=bool(request.get("ignore_eos", False)),
+            priority=int(request.get("priority", 0)),
+        )
+        self.backend.validate(spec)
+        self.num_requests += 1
+        yield {"event": "start", "replica": self.replica_id}
+        outcome = RequestOutcome()
+        stream = self.backend.generate(spec, outcome)
+        try:
+            async for token in stream:
+                yield token
+        finally:
+            await stream.aclose()
+            self.num_output_tokens += outcome.num_output_tokens
+            if outcome.finish_reason == "abort":
+                self.num_aborted += 1
+            else:
+                self.num_finished += 1
+        yield {
+            "event": "end",
+            "finish_reason": outcome.finish_reason,
+            "num_prompt_tokens": outcome.num_prompt_tokens,
+            "num_cached_tokens": outcome.num_cached_tokens,
+            "num_output_tokens": outcome.num_output_tokens,
+            "num_preemptions": outcome.num_preemptions,
+        }
+
+    # Every method is a coroutine: Serve (RAY_SERVE_RUN_SYNC_IN_THREADPOOL, default on in 2.60) runs plain
+    # methods in a thread pool, where reading the engine would race its step loop.
+    async def counters(self) -> dict[str, Any]:
+        return self._counters()
+
+    def _counters(self) -> dict[str, Any]:
+        return {
+            "replica": self.replica_id,
+            "num_requests": self.num_requests,
+            "num_finished": self.num_finished,
+            "num_aborted": self.num_aborted,
+            "num_output_tokens": self.num_output_tokens,
+        }
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        stats = self.backend.stats(time.time())
+        stats.update(self._counters())
+        return stats
+
+    async def max_model_len(self) -> int:
+        return self.backend.max_model_len
+
+    async def check_health(self) -> None:
+        self.backend.check_health()

@@ -1,0 +1,326 @@
+"""The Ray Serve adapter: halffull's routing policies as a Ray Serve ``RequestRouter`` (Ray 2.60, alpha API).
+
+This is the only module that imports Ray's request-router API. It is thin: convert, call the policy, convert
+back::
+
+    pending_request.kwargs["routing"]  ->  RequestView        (request_view)
+    replica.routing_stats + local view ->  ReplicaSnapshot    (RouterAccounting.snapshot)
+    policy.choose(view, snapshots, now=time.time(), rng)  ->  ranked singleton tiers of RunningReplica
+
+How the request reaches the router. The ingress (deploy/app.py) tokenizes once and calls the replica with a
+keyword argument ``routing`` built by ``routing_kwarg``::
+
+    handle.options(stream=True).generate.remote(request, routing={
+        "request_id": "cmpl-...", "num_prompt_tokens": 812, "max_tokens": 128,
+        "prefix_hashes": [h0, h1, ...],   # replicas.engine.request.hash_token_blocks(prompt ids, block size)
+        "prefix_block_size": 64,
+    })
+
+Ray resolves the call's arguments before routing, so ``choose_replicas`` reads them from
+``pending_request.kwargs``. A call without ``routing`` (any other method) is routed as a one-token request.
+
+Lifecycle hooks (verified in ray/serve/_private/router.py, 2.60):
+  * ``on_request_routed(pending_request, replica_id, result)``: called once the replica *accepted* the request
+    (rejection protocol). -> ``policy.on_routed`` and ``RouterAccounting.on_routed``.
+  * ``on_request_completed(replica_id, internal_request_id)``: called when the result finishes, fails or is
+    cancelled — also for attempts a replica rejected, so it is ignored unless the request was routed to that
+    replica. -> ``RouterAccounting.on_finished``; ``policy.on_finished`` once the output token count is
+    known. The router never sees the token stream: the ingress reports the count through
+    ``report_completion(request_id, num_output_tokens)`` (same process: the router lives in the process that
+    holds the handle). Whichever of the two arrives second calls ``policy.on_finished``; a completion whose
+    count has not arrived ``COMPLETION_GRACE_S`` later is dropped from the policy's view (a request the client
+    abandoned), since an invented count would bias the output-length estimate.
+  * ``on_replica_actor_died`` / ``update_replicas``: replicas that left -> ``policy.on_replica_removed`` and
+    ``RouterAccounting.on_replica_removed``.
+
+No ``FIFOMixin``: with it, a replica found for one request is handed to the *oldest* pending request, so a
+decision made for this request's tokens and prefix would serve another. Without it Ray matches the chosen
+replica to the request it was chosen for (by internal request id).
+
+Failure rule: an exception inside ``choose_replicas`` would hang the request (Ray retries forever), so any
+exception in conversion or policy is logged (rate-limited) and the candidates are returned in the given
+order. Every return also sets ``routing_context.should_backoff``: without it Ray re-calls ``choose_replicas``
+in a tight loop while every replica rejects (queues full).
+
+Configuration (``request_router_kwargs`` -> ``initialize_state``):
+  policy          str, default "sal"   a name from router.registry.POLICY_NAMES
+  policy_params   dict, default {}     that policy's params (unknown keys fail at startup)
+  seed            int | None           RNG seed; mixed with this router's actor id so routers in different
+                                       processes draw differently. None: OS entropy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterable, List, Mapping, Optional, Sequence
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+from replicas.engine.request import hash_token_blocks
+from router.accounting import RouterAccounting
+from router.estimate import OutputLengthEstimator
+from router.registry import make_policy
+from router.types import Completion, RequestView
+
+logger = logging.getLogger("ray.serve")
+
+ROUTING_KWARG = "routing"
+COMPLETION_GRACE_S = 5.0
+_MAX_NOTES = 65536
+_LOG_EVERY_S = 10.0
+
+
+# ---- what the ingress sends ----------------------------------------------------------------------------
+def routing_kwarg(
+    request_id: str, prompt_token_ids: Sequence[int], max_tokens: int, *, prefix_block_size: int
+) -> dict[str, Any]:
+    """The ``routing`` keyword argument for one request (computed once, at the ingress)."""
+    return {
+        "request_id": request_id,
+        "num_prompt_tokens": len(prompt_token_ids),
+        "max_tokens": max_tokens,
+        "prefix_hashes": hash_token_blocks(prompt_token_ids, prefix_block_size),
+        "prefix_block_size": prefix_block_size,
+    }
+
+
+def request_view(pending_request: Optional[PendingRequest], now: float) -> RequestView:
+    """The policy's view of a pending request (see the module docstring); ValueError if malformed."""
+    routing = pending_request.kwargs.get(ROUTING_KWARG) if pending_request is not None else None
+    if routing is None:
+        rid = pending_request.metadata.internal_request_id if pending_request is not None else ""
+        return RequestView(request_id=rid, num_prompt_tokens=1, max_tokens=1, arrival_time=now)
+    if not isinstance(routing, Mapping):
+        raise ValueError(f"routing must be a mapping, got {type(routing).__name__}")
+    num_prompt, max_tokens = routing["num_prompt_tokens"], routing["max_tokens"]
+    block = routing.get("prefix_block_size", 64)
+    for key, value in (("num_prompt_tokens", num_prompt), ("max_tokens", max_tokens), ("prefix_block_size", block)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"routing[{key!r}] must be a positive int, got {value!r}")
+    return RequestView(
+        request_id=str(routing.get("request_id", "")),
+        num_prompt_tokens=num_prompt,
+        max_tokens=max_tokens,
+        arrival_time=pending_request.created_at,
+        prefix_hashes=tuple(routing.get("prefix_hashes", ())),
+        prefix_block_size=block,
+    )
+
+
+# ---- completion feedback (ingress -> routers in the same process) ---------------------------------------
+_notes_lock = threading.Lock()
+_notes: OrderedDict[str, int] = OrderedDict()  # request id -> output tokens, bounded
+_routers: "weakref.WeakSet[HalffullRequestRouter]" = weakref.WeakSet()
+
+
+def report_completion(request_id: str, num_output_tokens: int) -> None:
+    """Tell this process's routers how many tokens a finished request produced (thread-safe)."""
+    if not _routers:
+        return  # no halffull router in this process (e.g. Ray's default router)
+    with _notes_lock:
+        _notes[request_id] = num_output_tokens
+        while len(_notes) > _MAX_NOTES:
+            _notes.popitem(last=False)
+        routers = list(_routers)
+    for router in routers:
+        router._note_arrived(request_id)
+
+
+def _take_note(request_id: str) -> Optional[int]:
+    with _notes_lock:
+        return _notes.pop(request_id, None)
+
+
+@dataclass(slots=True)
+class _InFlight:
+    replica_id: str
+    request_id: str
+    num_prompt_tokens: int
+
+
+@dataclass(slots=True)
+class _Awaiting:
+    replica_id: str
+    num_prompt_tokens: int
+    finish_time: float
+
+
+class HalffullRequestRouter(RequestRouter):
+    """Routes with a halffull policy (``policy`` in ``request_router_kwargs``); see the module docstring."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._self_actor_id = kwargs.get("self_actor_id") or ""
+        self._setup("sal", None, None)
+        self._last_error_log = -_LOG_EVERY_S
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop routing runs on (set on first call)
+        with _notes_lock:
+            _routers.add(self)
+
+    def initialize_state(self, policy: str = "sal", policy_params: Mapping[str, Any] | None = None,
+                         seed: int | None = None, **unknown: Any) -> None:
+        if unknown:
+            raise ValueError(f"unknown request_router_kwargs {sorted(unknown)}; valid: policy, policy_params, seed")
+        self._setup(policy, policy_params, seed)
+        logger.info("halffull router: policy %s params %s", policy, dict(policy_params or {}))
+
+    def _setup(self, policy: str, policy_params: Mapping[str, Any] | None, seed: int | None) -> None:
+        self.policy = make_policy(policy, policy_params)
+        self._rng = random.Random(None if seed is None else f"{seed}/{self._self_actor_id}")
+        self.accounting = RouterAccounting()
+        expected = getattr(self.policy, "expected_decode_tokens", None)
+        fallback = OutputLengthEstimator()
+        self._expected_decode = expected or (lambda view: fallback.expected_remaining(view.max_tokens, 0))
+        self._inflight: dict[str, _InFlight] = {}  # internal request id -> where it went
+        # Snapshot cache: a snapshot is a pure function of the replica's published stats (a new dict object on
+        # every update) and this router's accounting for it (version bumped on every change).
+        self._snapshots: dict[str, tuple[Any, int, Any]] = {}
+        self._versions: dict[str, int] = {}
+        self._awaiting: dict[str, _Awaiting] = {}  # request id -> completed, output count not yet reported
+        self._replica_ids: set[str] = set()
+
+    # ---- routing ---------------------------------------------------------------------------------------
+    async def choose_replicas(
+        self,
+        candidate_replicas: List[RunningReplica],
+        pending_request: Optional[PendingRequest] = None,
+    ) -> List[List[RunningReplica]]:
+        self._loop = asyncio.get_running_loop()
+        if pending_request is not None:
+            # Retry with backoff when every tier rejected (otherwise Ray loops without sleeping).
+            pending_request.routing_context.should_backoff = True
+        if not candidate_replicas:
+            return []
+        try:
+            return self._rank(candidate_replicas, pending_request)
+        except Exception:
+            self._log_error("halffull router: policy failed; falling back to the candidates in given order")
+            return [[r] for r in candidate_replicas]
+
+    def _rank(self, candidates: Sequence[RunningReplica], pending_request: Optional[PendingRequest]):
+        now = time.time()
+        view = request_view(pending_request, now)
+        by_id = {r.replica_id.unique_id: r for r in candidates}
+        snapshot = self._snapshot
+        snapshots = [snapshot(rid, r.routing_stats) for rid, r in by_id.items()]
+        tiers = self.policy.choose(view, snapshots, now=now, rng=self._rng)
+        ranked, seen = [], set()
+        for tier in tiers:
+            if len(tier) == 1:  # the policies' contract: singleton tiers (fast path)
+                rid = tier[0]
+                replica = by_id.get(rid)
+                if replica is not None and rid not in seen:
+                    seen.add(rid)
+                    ranked.append([replica])
+                continue
+            replicas = [by_id[rid] for rid in tier if rid in by_id and rid not in seen]
+            seen.update(tier)
+            if replicas:
+                ranked.append(replicas)
+        if len(seen) < len(by_id):  # a policy that left candidates out: keep them reachable, last
+            ranked.append([r for rid, r in by_id.items() if rid not in seen])
+        return ranked
+
+    def _snapshot(self, replica_id: str, stats: Any):
+        version = self._versions.get(replica_id, 0)
+        cached = self._snapshots.get(replica_id)
+        if cached is not None and cached[0] is stats and cached[1] == version:
+            return cached[2]
+        snap = self.accounting.snapshot(replica_id, stats)
+        self._snapshots[replica_id] = (stats, version, snap)
+        return snap
+
+    def _changed(self, replica_id: str) -> None:
+        self._versions[replica_id] = self._versions.get(replica_id, 0) + 1
+
+    # ---- lifecycle hooks -------------------------------------------------------------------------------
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        try:
+            now = time.time()
+            view = request_view(pending_request, now)
+            rid = replica_id.unique_id
+            internal_id = pending_request.metadata.internal_request_id
+            self.policy.on_routed(view, rid, now=now)
+            self.accounting.on_routed(internal_id, rid, now=now, prompt_tokens=view.num_prompt_tokens,
+                                      decode_tokens=self._expected_decode(view))
+            self._changed(rid)
+            self._inflight[internal_id] = _InFlight(rid, view.request_id or internal_id, view.num_prompt_tokens)
+        except Exception:
+            self._log_error("halffull router: on_request_routed failed")
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        try:
+            entry = self._inflight.get(internal_request_id)
+            if entry is None or entry.replica_id != replica_id.unique_id:
+                return  # a rejected attempt, or a request this router did not route
+            del self._inflight[internal_request_id]
+            self.accounting.on_finished(internal_request_id)
+            self._changed(entry.replica_id)
+            count = _take_note(entry.request_id)
+            if count is not None:
+                self._finish(entry.request_id, entry.replica_id, entry.num_prompt_tokens, count, time.time())
+                return
+            self._awaiting[entry.request_id] = _Awaiting(entry.replica_id, entry.num_prompt_tokens, time.time())
+            self._expire_awaiting()
+        except Exception:
+            self._log_error("halffull router: on_request_completed failed")
+
+    def _note_arrived(self, request_id: str) -> None:
+        """report_completion came after on_request_completed (called from any thread)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._apply_late_note, request_id)
+
+    def _apply_late_note(self, request_id: str) -> None:
+        waiting = self._awaiting.pop(request_id, None)
+        if waiting is None:
+            return  # on_request_completed will take the note
+        count = _take_note(request_id)
+        if count is not None:
+            self._finish(request_id, waiting.replica_id, waiting.num_prompt_tokens, count, time.time())
+
+    def _expire_awaiting(self) -> None:
+        deadline = time.time() - COMPLETION_GRACE_S
+        for request_id in [k for k, v in self._awaiting.items() if v.finish_time < deadline]:
+            del self._awaiting[request_id]
+
+    def _finish(self, request_id: str, replica_id: str, num_prompt: int, num_output: int, now: float) -> None:
+        try:
+            self.policy.on_finished(Completion(request_id, replica_id, num_prompt, num_output, now))
+        except Exception:
+            self._log_error("halffull router: policy.on_finished failed")
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._forget([replica_id.unique_id])
+
+    def update_replicas(self, replicas: List[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        current = {r.replica_id.unique_id for r in replicas}
+        self._forget(self._replica_ids - current)
+        self._replica_ids = current
+
+    def _forget(self, replica_ids: Iterable[str]) -> None:
+        for rid in replica_ids:
+            self._replica_ids.discard(rid)
+            self._snapshots.pop(rid, None)
+            self._versions.pop(rid, None)
+            try:
+                self.policy.on_replica_removed(rid)
+            except Exception:
+                self._log_error("halffull router: policy.on_replica_removed failed")
+            for internal_id in self.accounting.on_replica_removed(rid):
+                self._inflight.pop(internal_id, None)
+
+    def _log_error(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last_error_log >= _LOG_EVERY_S:
+            self._last_error_log = now
+            logger.exception(message)

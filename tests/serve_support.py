@@ -1,0 +1,81 @@
+"""Shared support for the Ray Serve tests: ONE local Ray cluster per test session, loopback only.
+
+``ray_cluster`` (session fixture, exported by tests/conftest.py) starts Ray with 4 logical CPUs on 127.0.0.1
+and Serve's HTTP proxy on a free 127.0.0.1 port, only when a test asks for it; at the end it runs
+``serve.shutdown()`` and ``ray.shutdown()``, which stop every process the session started. Each test module
+deploys its own app under its own route prefix with ``ray_cluster.deploy(name, args)`` (a module-scoped
+fixture) and deletes it at module end.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+APP_READY_TIMEOUT_S = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServeCluster:
+    http: str  # http://127.0.0.1:<port>
+    apps: list[str] = field(default_factory=list)
+
+    def deploy(self, name: str, args: dict) -> str:
+        """Deploy deploy.app:build_app(args) as app ``name`` at ``/name``; returns its base URL."""
+        from ray import serve
+
+        from deploy.app import build_app
+
+        serve.run(build_app(args), name=name, route_prefix=f"/{name}")
+        self.apps.append(name)
+        return f"{self.http}/{name}"
+
+    def delete(self, name: str) -> None:
+        from ray import serve
+
+        serve.delete(name)
+        self.apps.remove(name)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep Ray's listeners on 127.0.0.1 (DESIGN.md §9)
+    import ray
+    from ray import serve
+
+    ray.init(
+        address="local",  # always a new cluster of our own, never one found on the machine
+        num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+        namespace="halffull-tests", _system_config={"metrics_report_interval_ms": 1000},
+    )
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield ServeCluster(http=f"http://127.0.0.1:{port}")
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.25, message: str = "condition"):
+    """Poll ``predicate`` until it returns a truthy value (returned) or ``timeout`` seconds pass (fail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {message}")
+        time.sleep(interval)

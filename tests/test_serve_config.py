@@ -1,0 +1,100 @@
+"""deploy/serve_config.yaml and the app builder, offline: the config validates against Serve's schema, binds
+loopback, and every router / engine policy name builds an app (no Ray cluster needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray.exceptions
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from deploy.app import RAY_DEFAULT_ROUTER, AppConfig, _classify, build_app
+from replicas.engine.policies import engine_policy_names
+from router.registry import POLICY_NAMES
+
+CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "serve_config.yaml"
+
+
+def load_config() -> dict:
+    return yaml.safe_load(CONFIG.read_text())
+
+
+def test_config_validates_and_binds_loopback():
+    raw = load_config()
+    schema = ServeDeploySchema.parse_obj(raw)
+    assert schema.http_options.host == "127.0.0.1"
+    (app,) = schema.applications
+    assert app.import_path == "deploy.app:build_app"
+    assert "runtime_env" not in raw["applications"][0] or not raw["applications"][0]["runtime_env"].get("working_dir")
+    args = raw["applications"][0]["args"]
+    assert (args["num_replicas"], args["router"], args["engine_policy"], args["gpu"], args["model"]) == (
+        4, "sal", "larry", "h100", "llama3-8b")
+    assert args["stats_period_s"] <= 0.5 and args["max_ongoing_requests"] >= 100
+
+
+def deployment_options(app) -> dict:
+    """The LLMReplica deployment inside a built application."""
+    llm = app._bound_deployment.init_args[0]
+    return llm._bound_deployment._deployment_config
+
+
+def test_default_app_builds_with_the_halffull_router():
+    app = build_app(load_config()["applications"][0]["args"])
+    config = deployment_options(app)
+    assert config.num_replicas == 4 and config.max_ongoing_requests == 512
+    router = config.request_router_config
+    assert router.request_router_class == "router.serve_router:HalffullRequestRouter"
+    assert router.request_router_kwargs["policy"] == "sal"
+    assert router.request_routing_stats_period_s == 0.5
+
+
+@pytest.mark.parametrize("router", [*POLICY_NAMES, RAY_DEFAULT_ROUTER])
+def test_every_router_name_builds(router):
+    config = deployment_options(build_app({"router": router})).request_router_config
+    if router == RAY_DEFAULT_ROUTER:
+        assert "PowerOfTwoChoices" in str(config.request_router_class)
+    else:
+        assert config.request_router_kwargs["policy"] == router
+
+
+@pytest.mark.parametrize("policy", engine_policy_names())
+def test_every_engine_policy_builds(policy):
+    assert AppConfig.from_args({"engine_policy": policy}).engine_config().engine_policy == policy
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"routr": "sal"}, "unknown app argument"),
+        ({"router": "fastest"}, "unknown policy"),
+        ({"router": "sal", "router_params": {"nope": 1}}, "unknown params"),
+        ({"engine_policy": "lifo"}, "unknown engine policy"),
+        ({"engine": {"speedup": 2}}, "top level"),
+        ({"engine": {"blocks": 2}}, "unknown sim engine option"),
+        ({"gpu": "tpu"}, "unknown gpu"),
+        ({"num_replicas": 0}, "num_replicas"),
+    ],
+    ids=["typo", "unknown-router", "router-param", "engine-policy", "engine-overlap", "engine-option", "gpu",
+         "replicas"],
+)
+def test_bad_app_arguments_fail_at_build(args, message):
+    with pytest.raises(ValueError, match=message):
+        AppConfig.from_args(args).max_model_len()
+
+
+@pytest.mark.parametrize(
+    "exc, status, code",
+    [
+        (ValueError("request can never fit in 10 KV blocks"), 400, "invalid_request"),
+        (ray.exceptions.ActorDiedError(), 503, "replica_unavailable"),
+        (ray.exceptions.ActorUnavailableError("gone", None), 503, "replica_unavailable"),
+        (RuntimeError("bug"), 500, "internal_error"),
+    ],
+    ids=["engine-rejects", "replica-died", "replica-unavailable", "other"],
+)
+def test_failures_from_the_llm_deployment_map_to_http_errors(exc, status, code):
+    err = _classify(exc)
+    assert (err.status, err.code) == (status, code)
+    assert set(err.body()["error"]) == {"message", "type", "param", "code"}
