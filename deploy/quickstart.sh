@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The quick start: set up ./.venv and run the main job on the embedded default (simulated replicas, no GPU).
+# The quick start: set up ./.venv, start a local Ray bound to 127.0.0.1, `serve run deploy/serve_config.yaml`
+# (4 simulated H100 replicas of Llama-3-8B, halffull router `sal`, engine policy `larry`), show a completion
+# with curl and a streamed chat with the official openai client, then stop everything.
+#   bash deploy/quickstart.sh            the whole round trip
+#   bash deploy/quickstart.sh start      leave the service running on http://127.0.0.1:8000 (stop: ... stop)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source deploy/setup_env.sh
-exec halffull simulate --trace azure_conv --replicas 4 --router sal --engine-policy fcfs --rate-scale 4 --limit 4000 "$@"
+exec bash deploy/serve_local.sh "$@"
