@@ -131,6 +131,16 @@ def test_freed_blocks_stay_cached_and_are_evicted_from_the_head():
     p.check_invariants()
 
 
+def test_uncached_blocks_are_reused_first_cached_ones_last():
+    # vLLM's BlockPool.free_blocks: ref-0 blocks without a hash are prepended (evicted first), in free order
+    p = pool()
+    a = r_ids("a", list(range(10)))  # blocks 0 1 (full, hashed) and 2 (partial)
+    p.allocate(a, 10)
+    p.free(a)
+    assert list(p.free_queue) == [2, 3, 4, 5, 6, 7, 1, 0]
+    p.check_invariants()
+
+
 def test_shared_prefix_blocks_have_ref_cnt_two_and_survive_one_free():
     p = pool()
     tokens = list(range(10))
@@ -145,7 +155,8 @@ def test_shared_prefix_blocks_have_ref_cnt_two_and_survive_one_free():
     assert p.ref_cnt[:4] == [2, 2, 1, 1]
     p.free(a)
     assert p.ref_cnt[:4] == [1, 1, 0, 1]
-    assert list(p.free_queue) == [4, 5, 6, 7, 2]  # only a's private block came back
+    # only a's partial block 2 came back; holding no cached content it goes to the head (vLLM: evict first)
+    assert list(p.free_queue) == [2, 4, 5, 6, 7]
     p.check_invariants()
     p.free(b)
     assert p.num_free_blocks == 8

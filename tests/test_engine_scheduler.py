@@ -201,13 +201,29 @@ NO_CACHE_PREEMPT = [
 
 
 def test_fcfs_no_admission_in_a_preemption_step_and_own_victim():
-    sched = make_sched(enable_prefix_caching=False, long_prefill_token_threshold=4)
+    # Chunk-level admission (vLLM with scheduler_reserve_full_isl off) so B re-enters in 4-token chunks.
+    sched = make_sched(enable_prefix_caching=False, long_prefill_token_threshold=4, reserve_full_isl=False)
     a, b = req("a", 16, 12), req("b", 4, 12)
     sched.add_request(a)
     sched.add_request(b)
     drive(sched, NO_CACHE_PREEMPT)
     assert b.num_preemptions == 3 and a.num_preemptions == 0 and sched.num_preemptions == 3
     assert b.first_token_time == 1.0 and b.finish_time == 20.0
+
+
+@pytest.mark.parametrize("reserve_full_isl,admitted", [(True, False), (False, True)], ids=["gate-on", "gate-off"])
+def test_full_sequence_admission_gate(reserve_full_isl, admitted):
+    # vLLM 0.32's scheduler_reserve_full_isl: 8 blocks of 4. A (prompt 20) holds 5 blocks; B (prompt 16 = 4
+    # blocks) arrives with 3 free. Its first 3-token chunk would fit in one block, but its prompt cannot.
+    sched = make_sched(budget=8, reserve_full_isl=reserve_full_isl)
+    sched.add_request(req("a", 20, 4))
+    step(sched)
+    step(sched)
+    step(sched)  # A: 8 + 8 + 4 prompt tokens -> 5 blocks, first token sampled
+    assert sched.num_free_blocks == 3
+    sched.add_request(req("b", 16, 2))
+    scheduled = step(sched)[0]
+    assert ("b" in scheduled) is admitted
 
 
 # ---- priority -----------------------------------------------------------------------------------------
@@ -241,7 +257,8 @@ def test_waiting_order(policy, order):
 def test_victim_choice(policy, step7):
     # 12 blocks, budget 8. A (priority 1, prompt 4) runs alone for a step; then B (priority 0, prompt 4) and
     # C (priority 0, prompt 40, out 1) arrive. Running order: A, B, C.
-    sched = make_sched(num_blocks=12, budget=8, policy=policy)
+    # Chunk-level admission (scheduler_reserve_full_isl off): C's 40-token prompt enters 3 tokens at a time.
+    sched = make_sched(num_blocks=12, budget=8, policy=policy, reserve_full_isl=False)
     a = req("a", 4, 30, 0.0, priority=1)
     sched.add_request(a)
     assert step(sched) == ({"a": 4}, [], [])

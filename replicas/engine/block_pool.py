@@ -13,7 +13,8 @@
 * After allocation, every block that is full of tokens the request has (computed or being computed this
   step) is registered under its chained hash. A freed block keeps its hash and stays findable until the
   free queue hands it out again (eviction).
-* ``free(request)`` releases blocks in reverse order, so a request's tail blocks are evicted first.
+* ``free(request)`` releases blocks in reverse order, so a request's tail blocks are evicted first; blocks
+  holding no cached content go to the head of the free queue, as in vLLM.
 
 The pool never knows about policies; invariants are checked by ``check_invariants`` (tests).
 """
@@ -144,16 +145,27 @@ class BlockPool:
             self._register_full_blocks(request, num_tokens)
 
     def free(self, request: Request) -> None:
-        """Return the request's blocks; cached ones stay findable until evicted."""
+        """Return the request's blocks, tail first; cached ones stay findable until evicted.
+
+        As vLLM's ``BlockPool.free_blocks``: blocks holding no cached content go to the head of the free
+        queue (reused first), cached ones to the tail (LRU).
+        """
         blocks = self.req_blocks.pop(request.request_id, None)
         self.req_num_hashed.pop(request.request_id, None)
         if not blocks:
             return
-        ref, free_queue = self.ref_cnt, self.free_queue
+        ref, free_queue, block_hash = self.ref_cnt, self.free_queue, self.block_hash
+        evict_first = []
         for blk in reversed(blocks):
             ref[blk] -= 1
             if ref[blk] == 0:
-                free_queue[blk] = None
+                if block_hash[blk] is None:
+                    evict_first.append(blk)
+                else:
+                    free_queue[blk] = None
+        for blk in reversed(evict_first):
+            free_queue[blk] = None
+            free_queue.move_to_end(blk, last=False)
 
     # ---- internals -----------------------------------------------------------------------------------
     def _touch(self, hit_blocks: Sequence[int], blocks: list[int]) -> None:

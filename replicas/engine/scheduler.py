@@ -45,6 +45,9 @@ class SchedulerConfig:
     watermark: float = 0.0
     enable_prefix_caching: bool = True
     long_prefill_token_threshold: int = 0
+    # vLLM 0.32's scheduler_reserve_full_isl (on by default): admit a waiting request only if blocks for its
+    # whole current sequence (after hits) fit now, not just this step's chunk.
+    reserve_full_isl: bool = True
 
     def __post_init__(self):
         if self.max_num_batched_tokens < 1 or self.max_num_seqs < 1:
@@ -196,11 +199,19 @@ class Scheduler:
             i += 1
         return budget
 
-    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
-        # Make the computed blocks findable for the request's own recompute, then release them.
+    def _release(self, request: Request) -> None:
+        """Free a preempted or finished request's blocks, its computed ones registered first.
+
+        vLLM hashes every block as it fills; halffull hashes private blocks (generated tokens, prompts given
+        by length) only here, when it can matter: a preempted request finds its KV again, and registered
+        blocks go to the free queue's tail (LRU) rather than its head, exactly as in vLLM.
+        """
         request.extend_block_hashes(self.block_size, request.num_computed_tokens)
         self.pool.cache_blocks(request, request.num_computed_tokens)
         self.pool.free(request)
+
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        self._release(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -243,6 +254,8 @@ class Scheduler:
             return False
         # vLLM applies the watermark only when other requests are scheduled this step.
         reserve = self.watermark_blocks if out.num_scheduled_tokens else 0
+        if self.config.reserve_full_isl and admission.blocks_prompt + reserve > pool.num_free_blocks:
+            return False
         if pool.allocate(request, num_new, hits, reserve=reserve) is None:
             return False
         if request.num_cached_tokens < 0:
@@ -295,7 +308,7 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_time = now
         self._running.remove(request)
-        self.pool.free(request)
+        self._release(request)
         del self.requests[request.request_id]
 
     def policy_order_stable_until(self) -> float:
