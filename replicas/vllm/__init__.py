@@ -1,0 +1,6 @@
+"""Real vLLM engine integration: the halffull engine policies inside vLLM's V1 scheduler.
+
+``scheduler.HalffullScheduler`` is the only module of the project that imports vLLM's scheduler
+(DESIGN.md §2). ``tiny_model`` writes the tiny random Llama of the CPU tests; ``parity`` checks that
+halffull's engine core makes vLLM's decisions. Nothing here is imported by the core packages.
+"""
