@@ -10,8 +10,9 @@ writes the usual report plus a "Targets" section computed here:
 * Mooncake (prefix-heavy): sal's mean TTFT against prefix_aware's and pow2's (all with fcfs);
 * one replica: larry against fcfs (preemptions per request and mean TTFT).
 
-Rate-scale grids bracket each trace's knee on 4 H100 Llama-3-8B replicas; 16-replica runs scale the rate by
-4 to load each replica alike. Request limits keep one run to seconds.
+Rate-scale grids bracket each trace's knee on 4 H100 Llama-3-8B replicas, finely around it (the reference
+load is the first grid point past the knee, so a coarse grid would put it deep in overload); 16-replica runs
+use about 4x the rate to load each replica alike. Request limits keep one run to seconds.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from loadtest.metrics import Slo, saturation_rate_scale
 
 ROUTERS = ["round_robin", "random", "pow2", "least_requests", "prefix_aware", "sal"]
 SCALES = {
-    "azure_conv": [8, 10, 12, 13, 14, 16],
-    "azure_code": [1, 2, 3, 4, 6],
-    "mooncake_conv": [2, 3, 4, 5, 6],
+    "azure_conv": [8, 10, 12, 13, 14, 14.5, 15, 15.5, 16],
+    "azure_code": [0.5, 0.75, 1, 1.25, 1.5, 2, 3, 4],
+    "mooncake_conv": [2, 3, 4, 4.5, 5, 5.5, 6],
 }
+SCALES_16 = [32, 40, 48, 52, 56, 60]
 LIMITS = {"azure_conv": 6000, "azure_code": 4000, "mooncake_conv": 3000}
 BASE, PROPOSED = "pow2+fcfs", "sal+larry"
 
@@ -40,7 +42,7 @@ def _main_matrix() -> list[dict[str, Any]]:
 
 
 def _fleet_variants() -> list[dict[str, Any]]:
-    scales16 = [4 * s for s in SCALES["azure_conv"]]
+    scales16 = SCALES_16
     exps = grid(["azure_conv"], ["pow2", "sal"], ["fcfs", "larry"], scales16, limit=4 * LIMITS["azure_conv"],
                 label_suffix=" [16 replicas]", num_replicas=16)
     exps += grid(["azure_conv"], ["pow2", "sal"], ["fcfs", "larry"], [4, 5, 6, 7, 8], limit=LIMITS["azure_conv"],
