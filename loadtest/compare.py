@@ -358,7 +358,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         from loadtest import paper
 
         with open(out["report"], "a") as f:
-            f.write("\n" + paper.targets_markdown(rows, slo))
+            f.write("\n" + paper.targets_markdown(rows, slo) + "\n" + paper.findings_markdown(rows, slo))
     for trace in traces:
         for label, srows in report.series_of(rows, trace).items():
             sat = saturation_rate_scale([(r["rate_scale"], r) for r in srows], slo)

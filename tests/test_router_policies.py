@@ -384,8 +384,13 @@ SAL_CASES = {
     "tokens-not-requests": ([work("a", 8000, num_running=1), work("b", 600, num_running=6)], {}, "ba"),
     "decode-cost-ratio": (
         [work("a", 300, 100, decode_cost_ratio=4.0), work("b", 500, decode_cost_ratio=4.0)],
+        {"decode_weight": None},
+        "ba",  # the replica's ratio: 300 + 4 * 100 > 500
+    ),
+    "default-decode-weight": (
+        [work("a", 300, 100, decode_cost_ratio=4.0), work("b", 500, decode_cost_ratio=4.0)],
         {},
-        "ba",  # 300 + 4 * 100 > 500
+        "ab",  # the default weight 0.5: 300 + 0.5 * 100 < 500
     ),
     "decode-weight-overrides-ratio": (
         [work("a", 300, 100, decode_cost_ratio=4.0), work("b", 500, decode_cost_ratio=4.0)],
