@@ -143,61 +143,94 @@ def plot_files(trace: str) -> dict[str, str]:
     return {name: f"{slug(trace)}_{name}.png" for name in PLOTS}
 
 
+def panel_of(label: str) -> str:
+    """Which figure a series goes in: "" (the main fleet), a bracketed variant ("16 replicas", "A100"), or
+    "ablations" for labels with a parenthesised change."""
+    m = re.search(r"\[(.+?)\]", label)
+    if m:
+        return m.group(1)
+    return "ablations" if "(" in label else ""
+
+
+def panels(series: "OrderedDict[str, list]") -> "OrderedDict[str, OrderedDict[str, list]]":
+    """Series split into figures; an ablation panel also shows the configuration being ablated."""
+    out: OrderedDict[str, OrderedDict[str, list]] = OrderedDict()
+    for label, srows in series.items():
+        out.setdefault(panel_of(label), OrderedDict())[label] = srows
+    ablations = out.get("ablations")
+    if ablations is not None:
+        bases = OrderedDict((b, series[b]) for b in dict.fromkeys(lab.split(" (")[0] for lab in ablations)
+                            if b in series)
+        out["ablations"] = OrderedDict(list(bases.items()) + list(ablations.items()))
+    return out
+
+
 def write_plots(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, *, slo: Slo = Slo(),
                 title_note: str = "") -> dict[str, dict[str, Path]]:
-    """One figure set per trace: trace -> plot name -> PNG path. ``title_note`` goes under each title."""
+    """Figures per trace and panel (``panels``): trace -> plot name -> PNG path. The main panel keeps the
+    ``plot_files`` names; other panels are named "<plot> [<panel>]". ``title_note`` goes under each title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, dict[str, Path]] = {}
-    markers = "osD^v<>pPX*h"
     for trace in traces_of(rows):
-        series = series_of(rows, trace)
-        scales = _scales(r for rs in series.values() for r in rs)
-        files = plot_files(trace)
         written[trace] = {}
-        for name, (key, ylabel, title, log_y, slo_line) in PLOTS.items():
-            fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-            for i, (label, srows) in enumerate(series.items()):
-                xs = [float(r["rate_scale"]) for r in srows]
-                ys = [float(r.get(key) or 0.0) for r in srows]
-                if log_y:
-                    ys = [max(y, 1e-3) for y in ys]  # a log axis cannot show 0
-                ax.plot(xs, ys, marker=markers[i % len(markers)], linewidth=1.8, markersize=6, label=label,
-                        color=f"C{i % 10}")
-            if slo_line:
-                ax.axhline(slo.ttft_s, color="black", linestyle="--", linewidth=1.2,
-                           label=f"SLO: TTFT = {slo.ttft_s:g} s")
+        for panel, series in panels(series_of(rows, trace)).items():
+            files = plot_files(trace) if not panel else {
+                name: f"{slug(trace)}_{slug(panel)}_{name}.png" for name in PLOTS}
+            for name, path in _panel_figures(plt, series, files, out_dir, trace, panel, slo, title_note).items():
+                written[trace][name if not panel else f"{name} [{panel}]"] = path
+    return written
+
+
+def _panel_figures(plt, series, files, out_dir, trace, panel, slo, title_note) -> dict[str, Path]:
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    markers = "osD^v<>pPX*h"
+    scales = _scales(r for rs in series.values() for r in rs)
+    written: dict[str, Path] = {}
+    for name, (key, ylabel, title, log_y, slo_line) in PLOTS.items():
+        fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
+        for i, (label, srows) in enumerate(series.items()):
+            xs = [float(r["rate_scale"]) for r in srows]
+            ys = [float(r.get(key) or 0.0) for r in srows]
             if log_y:
-                ax.set_yscale("log")
-                # Plain decimals (0.2, 0.5, 1, 2) instead of 2×10⁻¹: ticks at 1-2-5 per decade.
-                ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-                ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: f"{y:g}"))
-                ax.yaxis.set_minor_formatter(NullFormatter())
-            else:
-                ax.set_ylim(bottom=0)
-            ax.set_xticks(scales)
-            ax.set_xticklabels([f"{_fmt_scale(x)}×" for x in scales])
-            ax.set_xlabel("arrival rate scale (× the trace's rate)")
-            ax.set_ylabel(ylabel)
-            sub = f"{trace}" + (f" — {title_note}" if title_note else "")
-            if key == "goodput_rps":
-                sub += f" — SLO: TTFT ≤ {slo.ttft_s:g} s, TPOT ≤ {slo.tpot_s * 1e3:g} ms"
-            ax.set_title(f"{title} vs load\n{sub}", fontsize=11)
-            ax.grid(True, which="major", alpha=0.35)
-            if log_y:
-                ax.grid(True, which="minor", alpha=0.12)
-            ax.legend(fontsize=9, loc="best", framealpha=0.85)
-            fig.tight_layout()
-            path = out_dir / files[name]
-            fig.savefig(path)
-            plt.close(fig)
-            written[trace][name] = path
+                ys = [max(y, 1e-3) for y in ys]  # a log axis cannot show 0
+            ax.plot(xs, ys, marker=markers[i % len(markers)], linewidth=1.8, markersize=6, label=label,
+                    color=f"C{i % 10}")
+        if slo_line:
+            ax.axhline(slo.ttft_s, color="black", linestyle="--", linewidth=1.2,
+                       label=f"SLO: TTFT = {slo.ttft_s:g} s")
+        if log_y:
+            ax.set_yscale("log")
+            # Plain decimals (0.2, 0.5, 1, 2) instead of 2×10⁻¹: ticks at 1-2-5 per decade.
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: f"{y:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        else:
+            ax.set_ylim(bottom=0)
+        ax.set_xticks(scales)
+        ax.set_xticklabels([f"{_fmt_scale(x)}×" for x in scales], rotation=45, ha="right")
+        ax.set_xlabel("arrival rate scale (× the trace's rate)")
+        ax.set_ylabel(ylabel)
+        sub = f"{trace}" + (f" [{panel}]" if panel else "") + (f" — {title_note}" if title_note else "")
+        if key == "goodput_rps":
+            sub += f" — SLO: TTFT ≤ {slo.ttft_s:g} s, TPOT ≤ {slo.tpot_s * 1e3:g} ms"
+        ax.set_title(f"{title} vs load\n{sub}", fontsize=11)
+        ax.grid(True, which="major", alpha=0.35)
+        if log_y:
+            ax.grid(True, which="minor", alpha=0.12)
+        # Outside the axes: with many series an inside legend hides the data.
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), framealpha=0.85)
+        fig.tight_layout()
+        path = out_dir / files[name]
+        fig.savefig(path)
+        plt.close(fig)
+        written[name] = path
     return written
 
 
