@@ -23,11 +23,40 @@ model stops at its pseudo-EOS length, 16-256 tokens derived from the prompt: rep
 output is deterministic. Not supported (400 when set to a non-default value): ``n`` > 1, ``best_of`` > 1,
 ``echo``, ``logprobs``.
 
-Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``: 400 for malformed JSON, missing
-or ill-typed fields, bad ``max_tokens``, prompts beyond the context (``code: context_length_exceeded``); 404
-for an unknown model or path; 405 for a wrong method; 503 when the replica serving the request died
-(``code: replica_unavailable``; retrying goes to another replica). A stream that fails after it started ends
-with one ``data: {"error": ...}`` event and ``data: [DONE]``.
+Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``, never a 500 for bad input:
+
+  400  malformed JSON, missing or ill-typed fields, bad ``max_tokens`` (below 1, above ``max_output_tokens``),
+       prompts beyond the context (``code: context_length_exceeded``)
+  401  API keys are configured and the request has no valid ``Authorization: Bearer <key>`` (``invalid_api_key``)
+  404  unknown model or path;  405  wrong method
+  413  body larger than ``max_body_bytes`` (``request_too_large``), refused from Content-Length before reading
+  429  overloaded (``code: overloaded``, ``Retry-After: retry_after_s``): this ingress replica already handles
+       ``ingress_max_ongoing_requests`` generation requests, or ``max_queued_requests`` wait for an LLM replica
+       slot, or the chosen engine's waiting queue is full (``engine.max_waiting_requests``). Behind these,
+       Serve's own queue in front of each ingress replica (``ingress_max_queued_requests``) is a backstop that
+       answers 429 with Retry-After but a plain-text body; it fires only when the ingress cannot even run
+       its check (more than ``ingress_max_ongoing_requests`` + 1024 requests in it at once)
+  503  the replica serving the request failed after it had produced output for it, or every one of
+       ``replica_retries`` re-sends failed too (``replica_unavailable``, ``Retry-After``: a client retry is safe)
+  504  no complete answer within ``request_timeout_s`` of arrival (``code: timeout``); the engine request is
+       aborted
+A stream that fails after it started (its replica died after sending tokens, the timeout passed) ends with one
+``data: {"error": ...}`` event and ``data: [DONE]``; ``halffull_stream_errors_total`` counts them.
+
+Replica failure. A request whose replica fails before producing any output token for it (queued in Serve or
+in the engine, or still in prefill) is re-sent, at most ``replica_retries`` times; the router has already
+dropped the dead replica (Ray calls ``on_replica_actor_died``), so the re-send goes to a survivor. A request
+that had started generating is not re-run behind the client's back (that would double its cost and latency
+unseen): a stream ends with an error event, a non-streaming request gets a 503 the client may retry.
+``x-halffull-replica`` / ``x-halffull-retries`` name the replica that answered (or failed) and the re-sends.
+
+Auth (off by default). API keys come from ``HALFFULL_API_KEYS`` (comma-separated) and/or
+``HALFFULL_API_KEYS_FILE`` (one key per line, ``#`` comments), read where the app is built (``serve run``) and in
+each ingress replica's own environment; the union is accepted. Only SHA-256 digests leave the building
+process. With any key configured, every route but ``GET /health`` (unknown paths included) answers 401
+without ``Authorization: Bearer <key>``; comparison is ``hmac.compare_digest`` over digests, against every key.
+A variable that is set but holds no key, or an unreadable key file, fails the deployment rather than leaving
+the API open.
 
 Routing data (computed once per request): the prompt's token count and chained hashes of its full blocks of
 ``prefix_block_size`` tokens (default 64: fine enough to credit a shared system prompt, coarse enough to keep
@@ -46,17 +75,25 @@ node's ``halffull_*`` series. Names (Ray prefixes them with ``ray_``):
                                                             measured at the ingress)
   halffull_prompt_tokens_total, halffull_output_tokens_total, halffull_cached_prompt_tokens_total
   halffull_preemptions_total                                preemptions suffered by finished requests
+  halffull_stream_errors_total{endpoint, code}              started streams that ended with an error event
+  halffull_retries_total{reason}                            re-sends after a replica failure
+  halffull_rejected_requests_total{reason}                  429s: ingress | queue | engine
+  halffull_ingress_active_requests                          generation requests in this ingress replica now
 
 App arguments (``build_app``; YAML ``args``): see ``AppConfig``.
 """
 
 import asyncio
 import dataclasses
+import hashlib
+import hmac
 import json
 import logging
 import math
+import os
 import time
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Mapping
 
@@ -64,14 +101,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from ray import serve
 from ray.serve import metrics
-from ray.serve.config import RequestRouterConfig
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deploy.tokenizer import CHAT_ROLES, SimTokenizer
-from replicas.deployment import MAX_ONGOING_REQUESTS, LLMReplica, bind_replica_grpc_to_node_ip
-from replicas.engine.policies import make_engine_policy
+from replicas.deployment import MAX_ONGOING_REQUESTS, LLMReplica, bind_replica_grpc_to_node_ip, process_memory
 from replicas.sim.latency import LatencyModel
-from replicas.sim.realtime import SimEngineConfig
+from replicas.sim.realtime import EngineDeadError, EngineOverloadedError, SimEngineConfig, check_field_types
 from router import serve_router
 from router.registry import make_policy
 
@@ -80,12 +116,20 @@ logger = logging.getLogger("ray.serve")
 RAY_DEFAULT_ROUTER = "ray_default"  # Ray Serve's own PowerOfTwoChoicesRequestRouter (baseline)
 TOKEN_ID_LIMIT = 1 << 40  # the simulated tokenizer's ids are below this
 _MAX_INT = 1 << 62
+_MAX_COUNT = 1 << 24  # limits and counts (Serve stores them as int32; 2x + slack must fit)
+# Serve's own concurrency limit for an ingress replica is ingress_max_ongoing_requests + this: room for a burst
+# to reach the ingress's cheap 429 (and for /health, /metrics) instead of waiting in the proxy, which retries a
+# full replica with backoff (up to 0.5 s a try) before it answers anything.
+INGRESS_BURST_SLOTS = 1024
+API_KEYS_ENV = "HALFFULL_API_KEYS"
+API_KEYS_FILE_ENV = "HALFFULL_API_KEYS_FILE"
+OPEN_PATHS = frozenset({"/health"})  # answered without an API key
 
 
 # ---- app configuration ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AppConfig:
-    """``serve_config.yaml`` ``args``. Unknown keys fail; every default lives here."""
+    """``serve_config.yaml`` ``args``. Unknown keys and ill-typed values fail; every default lives here."""
 
     num_replicas: int = 4  # LLMReplica replicas
     router: str = "sal"  # a router.registry name, or "ray_default" (Ray's power-of-two router)
@@ -97,39 +141,75 @@ class AppConfig:
     gpu: str = "h100"
     model: str = "llama3-8b"
     speedup: float = 1.0  # simulated step times are divided by this
-    engine: Mapping[str, Any] = field(default_factory=dict)  # further SimEngineConfig options
+    engine: Mapping[str, Any] = field(default_factory=dict)  # further SimEngineConfig options, e.g.
+    #   max_waiting_requests (the engine's waiting-queue limit: 429 beyond it), max_model_len, max_num_seqs
     served_model_name: str | None = None  # default: the model profile name
     prefix_block_size: int = 64  # tokens per router prefix hash
     max_ongoing_requests: int = MAX_ONGOING_REQUESTS  # per LLMReplica
     replica_num_cpus: float = 0.0
     ingress_replicas: int = 1
+    # Generation requests one ingress replica handles at once (queued for a replica, running or streaming);
+    # beyond it 429 at once (Serve's own limit for the ingress is this + INGRESS_BURST_SLOTS).
     ingress_max_ongoing_requests: int = 4096
+    # ---- overload, failures, limits (README "Production notes") ----
+    max_queued_requests: int = 1024  # per ingress replica: requests waiting for a free LLMReplica slot; then 429
+    ingress_max_queued_requests: int = 256  # Serve's queue in front of each ingress replica; then Serve's 429
+    retry_after_s: float = 1.0  # Retry-After of every 429 / 503
+    replica_retries: int = 2  # re-sends of a request whose replica failed before producing output for it
+    request_timeout_s: float | None = 600.0  # arrival -> last token; then 504 / an error event; None: no limit
+    max_body_bytes: int = 1 << 20  # larger request bodies: 413
+    max_output_tokens: int | None = None  # largest max_tokens accepted, and the default; None: rest of context
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any] | None) -> "AppConfig":
+        if args is not None and not isinstance(args, Mapping):
+            raise ValueError(f"app arguments must be a mapping, got {type(args).__name__}")
         args = dict(args or {})
         valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(args) - valid)
+        unknown = sorted(set(args) - valid, key=str)
         if unknown:
             raise ValueError(f"unknown app argument(s) {unknown}; valid: {sorted(valid)}")
         if isinstance(args.get("speedup"), str):
-            args["speedup"] = float(args["speedup"])
-        config = cls(**args)
+            try:
+                args["speedup"] = float(args["speedup"])
+            except ValueError:
+                raise ValueError(f"app argument 'speedup' must be a number, got {args['speedup']!r}") from None
+        config = cls(**check_field_types(cls, args, "app argument"))
         config.check()
         return config
 
     def check(self) -> None:
         if self.router != RAY_DEFAULT_ROUTER:
             make_policy(self.router, self.router_params)  # unknown names / params fail here, not in Serve
-        if self.num_replicas < 1 or self.ingress_replicas < 1:
-            raise ValueError("num_replicas and ingress_replicas must be >= 1")
-        if self.prefix_block_size < 1:
-            raise ValueError("prefix_block_size must be >= 1")
-        engine = self.engine_config()
-        make_engine_policy(engine.engine_policy, dict(engine.engine_params))  # fail here, not in every replica
+        for name, lo in (("num_replicas", 1), ("ingress_replicas", 1), ("max_ongoing_requests", 1),
+                         ("ingress_max_ongoing_requests", 1), ("max_queued_requests", 1),
+                         ("ingress_max_queued_requests", 1), ("max_body_bytes", 1024)):
+            value = getattr(self, name)
+            if not lo <= value <= _MAX_COUNT:
+                raise ValueError(f"{name} must be in [{lo}, {_MAX_COUNT}], got {value}")
+        if not 1 <= self.prefix_block_size <= 1 << 20:
+            raise ValueError("prefix_block_size must be >= 1 (and at most 2**20)")
+        if not 0 <= self.replica_retries <= 10:
+            raise ValueError(f"replica_retries must be in [0, 10], got {self.replica_retries}")
+        for name, value in (("stats_period_s", self.stats_period_s), ("retry_after_s", self.retry_after_s),
+                            ("request_timeout_s", self.request_timeout_s)):
+            if value is not None and not (math.isfinite(value) and value >= (0 if name == "retry_after_s" else 1e-3)):
+                raise ValueError(f"{name} must be a finite number of seconds (> 0), got {value}")
+        cpus = self.replica_num_cpus
+        if not (0 <= cpus <= 1024 and (cpus == 0 or cpus >= 1e-4)):  # Ray's resource precision is 1e-4
+            raise ValueError(f"replica_num_cpus must be 0 or in [0.0001, 1024], got {cpus}")
+        if self.router_seed is not None and abs(self.router_seed) > _MAX_INT:
+            raise ValueError("router_seed out of range")
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ValueError("served_model_name must not be empty")
+        if self.max_output_tokens is not None and self.max_output_tokens < 1:
+            raise ValueError(f"max_output_tokens must be >= 1, got {self.max_output_tokens}")
+        engine = self.engine_config()  # engine options and the engine policy's params fail here
         LatencyModel.from_profile(engine.gpu, engine.model, engine.tp)
 
     def engine_config(self) -> SimEngineConfig:
+        if not isinstance(self.engine, Mapping):
+            raise ValueError(f"engine must be a mapping, got {type(self.engine).__name__}")
         overlap = {"gpu", "model", "speedup", "engine_policy", "engine_params"} & set(self.engine)
         if overlap:
             raise ValueError(f"set {sorted(overlap)} at the top level of the app arguments, not under engine")
@@ -162,31 +242,105 @@ def build_app(args: Mapping[str, Any] | None = None):
             request_router_kwargs={"policy": config.router, "policy_params": dict(config.router_params),
                                    "seed": config.router_seed},
         )
+    backpressure = BackpressureConfig(status_code=429, retry_after_s=config.retry_after_s)
     llm = LLMReplica.options(
         num_replicas=config.num_replicas,
         max_ongoing_requests=config.max_ongoing_requests,
+        max_queued_requests=config.max_queued_requests,
+        backpressure_config=backpressure,
         ray_actor_options={"num_cpus": config.replica_num_cpus},
         request_router_config=RequestRouterConfig(**router_config),
     ).bind(backend="sim", engine=engine_dict)
+    digests = [d.hex() for d in api_key_digests(os.environ)]  # keys never leave this process, digests do
     return OpenAIIngress.options(
         num_replicas=config.ingress_replicas,
-        max_ongoing_requests=config.ingress_max_ongoing_requests,
-    ).bind(llm, dataclasses.asdict(config))
+        max_ongoing_requests=config.ingress_max_ongoing_requests + INGRESS_BURST_SLOTS,
+        max_queued_requests=config.ingress_max_queued_requests,
+        backpressure_config=backpressure,
+    ).bind(llm, dataclasses.asdict(config), digests)
+
+
+# ---- auth ----------------------------------------------------------------------------------------------
+def load_api_keys(environ: Mapping[str, str]) -> list[str]:
+    """Keys from ``HALFFULL_API_KEYS`` (comma-separated) and ``HALFFULL_API_KEYS_FILE`` (one per line, ``#``
+    comments). [] when neither is set: auth is off. A source that is set but yields no key raises ValueError."""
+    keys: list[str] = []
+    if API_KEYS_ENV in environ:
+        found = [k.strip() for k in environ[API_KEYS_ENV].split(",") if k.strip()]
+        if not found:
+            raise ValueError(f"{API_KEYS_ENV} is set but holds no key; unset it to turn auth off")
+        keys += found
+    path = environ.get(API_KEYS_FILE_ENV)
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{API_KEYS_FILE_ENV}={path!r}: cannot read the key file: {exc}") from None
+        found = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+        if not found:
+            raise ValueError(f"{API_KEYS_FILE_ENV}={path!r} holds no key; unset it to turn auth off")
+        keys += found
+    return keys
+
+
+def key_digest(key: str | bytes) -> bytes:
+    return hashlib.sha256(key if isinstance(key, bytes) else key.encode("utf-8", "surrogateescape")).digest()
+
+
+def api_key_digests(environ: Mapping[str, str]) -> list[bytes]:
+    return sorted({key_digest(k) for k in load_api_keys(environ)})
+
+
+def bearer_token(authorization: bytes | None) -> bytes | None:
+    """The token of an ``Authorization: Bearer <token>`` header value (scheme case-insensitive)."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(b" ")
+    token = token.strip()
+    if scheme.lower() != b"bearer" or not token:
+        return None
+    return token
+
+
+def key_allowed(token: bytes | None, digests: tuple[bytes, ...]) -> bool:
+    """Constant-time check of ``token`` against every configured key digest (no early exit)."""
+    presented = key_digest(token if token is not None else b"")
+    ok = False
+    for digest in digests:
+        ok |= hmac.compare_digest(presented, digest)
+    return ok and token is not None
 
 
 # ---- errors --------------------------------------------------------------------------------------------
 class ApiError(Exception):
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+                 type: str | None = None, headers: Mapping[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers or None)
+
+
+def overloaded(message: str, retry_after_s: float) -> ApiError:
+    """429 with Retry-After (whole seconds, rounded up, as RFC 9110 wants)."""
+    return ApiError(429, f"{message}; retry after {math.ceil(retry_after_s)} s.", code="overloaded",
+                    type="rate_limit_error", headers={"retry-after": str(math.ceil(retry_after_s))})
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, f"Request body too large: the limit is {limit} bytes.", code="request_too_large")
+
+
+def unauthorized() -> ApiError:
+    return ApiError(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key",
+                    headers={"www-authenticate": "Bearer"})
 
 
 def _bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:
@@ -314,7 +468,9 @@ def _check_text_size(num_chars: int, max_model_len: int, param: str) -> None:
                        f"far longer ({num_chars} characters).", param=param, code="context_length_exceeded")
 
 
-def resolve_max_tokens(body: Mapping[str, Any], num_prompt: int, max_model_len: int, *, chat: bool) -> int:
+def resolve_max_tokens(body: Mapping[str, Any], num_prompt: int, max_model_len: int, *, chat: bool,
+                       max_output_tokens: int | None = None) -> int:
+    """The request's max_tokens, checked; default: the rest of the context, capped by ``max_output_tokens``."""
     key = "max_tokens"
     value = body.get("max_tokens")
     if chat and body.get("max_completion_tokens") is not None:
@@ -325,11 +481,14 @@ def resolve_max_tokens(body: Mapping[str, Any], num_prompt: int, max_model_len: 
                        f"request has {num_prompt} input tokens. Please reduce the length of the input.",
                        param=prompt_param, code="context_length_exceeded")
     if value is None:
-        return max_model_len - num_prompt  # vLLM's default: the rest of the context
+        rest = max_model_len - num_prompt  # vLLM's default: the rest of the context
+        return rest if max_output_tokens is None else min(rest, max_output_tokens)
     if not _is_int(value):
         raise _bad(f"'{key}' must be an integer, got {json.dumps(value)[:40]}", key, code="invalid_type")
     if value < 1:
         raise _bad(f"'{key}' must be at least 1, got {value}", key)
+    if max_output_tokens is not None and value > max_output_tokens:
+        raise _bad(f"'{key}' must be at most {max_output_tokens} on this server, got {value}", key)
     if num_prompt + value > max_model_len:
         raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. However, you "
                        f"requested {num_prompt + value} tokens ({num_prompt} in the {prompt_param}, {value} in "
@@ -360,6 +519,14 @@ class _Metrics:
         self.cached_tokens = metrics.Counter("halffull_cached_prompt_tokens", "Prompt tokens served from cache.")
         self.output_tokens = metrics.Counter("halffull_output_tokens", "Output tokens generated.")
         self.preemptions = metrics.Counter("halffull_preemptions", "Preemptions of finished requests.")
+        self.stream_errors = metrics.Counter("halffull_stream_errors",
+                                             "Started streams that ended with an error event.",
+                                             tag_keys=("endpoint", "code"))
+        self.retries = metrics.Counter("halffull_retries", "Re-sends after a replica failure.", tag_keys=("reason",))
+        self.rejected = metrics.Counter("halffull_rejected_requests", "Requests refused with 429, by the limit hit.",
+                                        tag_keys=("reason",))
+        self.active = metrics.Gauge("halffull_ingress_active_requests",
+                                    "Generation requests in this ingress replica now.")
 
     def status(self, endpoint: str, status: int) -> None:
         self.requests.inc(tags={"endpoint": endpoint, "status": str(status)})
@@ -384,37 +551,119 @@ class _Metrics:
 
 
 # ---- one request's run against the LLM deployment ---------------------------------------------------------
-class _Run:
-    """Consumes the replica's stream: start event, token ids, end event."""
+def _replica_failed(exc: BaseException) -> bool:
+    """The replica (not the request) failed: dead or unreachable actor, crashed engine. Safe to re-send."""
+    import ray.exceptions as rex
 
-    def __init__(self, stream, request_id: str, arrival: float):
-        self.stream = stream
+    return isinstance(exc, (rex.RayActorError, rex.ActorUnavailableError, serve.exceptions.ReplicaUnavailableError,
+                            EngineDeadError))
+
+
+class _Run:
+    """One request against the LLM deployment: start event, token ids, end event; re-sends and a deadline.
+
+    ``call(attempt)`` sends attempt ``attempt`` (0, 1, ...) and returns its response stream. A replica failure
+    (``_replica_failed``) before the first output token re-sends, at most ``max_retries`` times (in ``start``,
+    ``tokens`` and ``collect``); after it, the failure is the caller's. Every wait ends at ``deadline``
+    (event-loop time; None: none) with TimeoutError.
+    """
+
+    def __init__(self, call, request_id: str, arrival: float, *, max_retries: int = 0,
+                 deadline: float | None = None, on_retry=None):
+        self._call = call
         self.request_id = request_id
         self.arrival = arrival
+        self.max_retries = max_retries
+        self.deadline = deadline
+        self._on_retry = on_retry
+        self.attempt = 0
+        self.stream = None
+        self.done = False  # the current stream ran to its end: nothing to cancel
+        self._reset()
+
+    @staticmethod
+    def attempt_id(request_id: str, attempt: int) -> str:
+        """The engine / router request id of one attempt (distinct, so a re-send never collides)."""
+        return request_id if attempt == 0 else f"{request_id}-retry{attempt}"
+
+    def _reset(self) -> None:
         self.replica: str | None = None
         self.end: dict[str, Any] | None = None
         self.num_tokens = 0
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
 
+    async def _next(self):
+        if self.deadline is None:
+            return await self.stream.__anext__()
+        async with asyncio.timeout_at(self.deadline):
+            return await self.stream.__anext__()
+
     async def start(self) -> None:
-        first = await self.stream.__anext__()
-        if not (isinstance(first, dict) and first.get("event") == "start"):
-            raise RuntimeError(f"unexpected first stream item {first!r}")
-        self.replica = first.get("replica")
+        """Send the request; return once a replica accepted it (its start event)."""
+        while True:
+            self.stream = self._call(self.attempt)
+            self.done = False
+            try:
+                first = await self._next()
+            except Exception as exc:  # the stream may still run (our deadline): cancel() must still act
+                if not self._may_retry(exc):
+                    raise
+                await self._before_retry(exc)
+                continue
+            if isinstance(first, dict) and first.get("event") == "overloaded":
+                self.done = True
+                raise EngineOverloadedError(first.get("message") or "the engine's waiting queue is full")
+            if not (isinstance(first, dict) and first.get("event") == "start"):
+                raise RuntimeError(f"unexpected first stream item {first!r}")
+            self.replica = first.get("replica")
+            return
+
+    def _may_retry(self, exc: BaseException) -> bool:
+        return self.attempt < self.max_retries and _replica_failed(exc)
+
+    async def _before_retry(self, exc: BaseException) -> None:
+        self.cancel()
+        self.attempt += 1
+        self._reset()
+        if self._on_retry is not None:
+            self._on_retry(type(exc).__name__)
+        # Give the router a moment to learn the replica's death (it hears it from the failed call itself).
+        await asyncio.sleep(0.02 * self.attempt)
+
+    def _token(self, item) -> bool:
+        """Account one stream item; True if it is an output token."""
+        if isinstance(item, dict):
+            if item.get("event") == "end":
+                self.end = item
+            return False
+        now = time.perf_counter()
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.last_token_time = now
+        self.num_tokens += 1
+        return True
 
     async def tokens(self) -> AsyncIterator[int]:
-        async for item in self.stream:
-            if isinstance(item, dict):
-                if item.get("event") == "end":
-                    self.end = item
+        """Output token ids as they come; re-sends only before the first token."""
+        while True:
+            try:
+                item = await self._next()
+            except StopAsyncIteration:
+                self.done = True
+                return
+            except Exception as exc:  # the stream may still run (our deadline): cancel() must still act
+                if self.num_tokens or not self._may_retry(exc):
+                    raise
+                await self._before_retry(exc)
+                await self.start()
                 continue
-            now = time.perf_counter()
-            if self.first_token_time is None:
-                self.first_token_time = now
-            self.last_token_time = now
-            self.num_tokens += 1
-            yield item
+            if self._token(item):
+                yield item
+
+    async def collect(self) -> list[int]:
+        """All output token ids (non-streaming), with the same re-send rule."""
+        return [token async for token in self.tokens()]
 
     @property
     def finish_reason(self) -> str:
@@ -428,28 +677,65 @@ class _Run:
                 "prompt_tokens_details": {"cached_tokens": end.get("num_cached_tokens", 0)}}
 
     def cancel(self) -> None:
+        """Cancel the current attempt on its replica (the engine aborts it and frees its KV blocks)."""
+        if self.stream is None or self.done:
+            return
+        self.done = True
         try:
             self.stream.cancel()
         except Exception:  # already finished
             pass
 
 
-def _classify(exc: BaseException) -> ApiError:
-    """A failure from the LLM deployment as an HTTP error."""
-    import ray.exceptions as rex
+class _Admission:
+    """One generation request counted against ``ingress_max_ongoing_requests``; ``release`` is idempotent."""
 
+    __slots__ = ("_ingress", "_held")
+
+    def __init__(self, ingress: "OpenAIIngress"):
+        self._ingress = ingress
+        self._held = True
+        ingress.num_active += 1
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._ingress.num_active -= 1
+
+
+def _abandoned(run: _Run, admission: _Admission) -> None:
+    """A streaming body that was dropped without running to its end (e.g. never started): clean up."""
+    run.cancel()
+    admission.release()
+
+
+def _classify(exc: BaseException, retry_after_s: float = 1.0) -> ApiError:
+    """A failure from the LLM deployment as an HTTP error."""
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, ValueError):  # the replica's validate(): the request can never run
         message = str(exc).strip().splitlines()[-1].removeprefix("ValueError: ")
         return _bad(message[:500], code="invalid_request")
-    if isinstance(exc, (rex.RayActorError, rex.ActorUnavailableError)):
-        return ApiError(503, "The model replica serving this request failed; retry the request.",
-                        code="replica_unavailable")
     if isinstance(exc, serve.exceptions.BackPressureError):
-        return ApiError(503, "The service is overloaded; retry later.", code="overloaded")
+        return overloaded(f"The service is overloaded: {exc.message}", retry_after_s)
+    if isinstance(exc, EngineOverloadedError):
+        message = str(exc).strip().splitlines()[-1].split(": ", 1)[-1]
+        return overloaded(f"The service is overloaded: {message}", retry_after_s)
+    if isinstance(exc, TimeoutError):
+        return ApiError(504, "The request did not complete within the server's request timeout.", code="timeout")
+    retry = {"retry-after": str(math.ceil(retry_after_s))}
+    if _replica_failed(exc):
+        return ApiError(503, "The model replica serving this request failed; retry the request.",
+                        code="replica_unavailable", headers=retry)
+    if isinstance(exc, serve.exceptions.DeploymentUnavailableError):
+        return ApiError(503, "The model is not available right now; retry later.", code="unavailable",
+                        headers=retry)
     logger.error("halffull ingress: request failed: %r", exc)
     return ApiError(500, f"Internal error: {type(exc).__name__}", code="internal_error")
+
+
+def _rejected_reason(exc: BaseException) -> str:
+    return "engine" if isinstance(exc, EngineOverloadedError) else "queue"
 
 
 def _node_metrics_text() -> str:
@@ -468,11 +754,41 @@ def _node_metrics_text() -> str:
     return "".join(line + "\n" for line in text.splitlines() if "halffull_" in line)
 
 
+# ---- auth, as ASGI middleware (ahead of routing: unknown paths and wrong methods need a key too) --------------
+class _ApiKeyGuard:
+    """Pure ASGI (not BaseHTTPMiddleware, which would buffer streams and break disconnect handling).
+
+    ``digests`` is a class attribute set by the ingress constructor (one ingress replica per Ray worker
+    process). Not a module global: Serve pickles the ingress methods by value, so a ``global`` statement in
+    them would write to a copy of this module's namespace; the class itself is pickled by reference.
+    """
+
+    digests: tuple[bytes, ...] = ()
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        digests = _ApiKeyGuard.digests
+        if scope["type"] == "http" and digests:
+            path = scope.get("path", "")
+            root = scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root):] or "/"
+            if path not in OPEN_PATHS:
+                header = next((v for k, v in scope.get("headers", ()) if k == b"authorization"), None)
+                if not key_allowed(bearer_token(header), digests):
+                    await unauthorized().response()(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
 # ---- the ingress deployment ----------------------------------------------------------------------------
 # serve.ingress pickles the FastAPI app (and so the route methods) when the class is decorated: every module
 # name the methods use must be defined above this line. No ``from __future__ import annotations`` in this
 # module: FastAPI must resolve ``request: Request`` from the pickled methods' own globals.
 fastapi_app = FastAPI(title="halffull OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+fastapi_app.add_middleware(_ApiKeyGuard)
 
 
 @fastapi_app.exception_handler(StarletteHTTPException)
@@ -491,9 +807,12 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
                   graceful_shutdown_wait_loop_s=0.5)
 @serve.ingress(fastapi_app)
 class OpenAIIngress:
-    def __init__(self, llm, config: Mapping[str, Any]):
+    def __init__(self, llm, config: Mapping[str, Any], api_key_digests_hex: list[str] | tuple = ()):
         bind_replica_grpc_to_node_ip()
         self.config = AppConfig.from_args(config)
+        # Keys given where the app was built, plus any in this replica's own environment.
+        digests = {bytes.fromhex(d) for d in api_key_digests_hex} | set(api_key_digests(os.environ))
+        _ApiKeyGuard.digests = tuple(sorted(digests))
         self.llm = llm.options(stream=True).generate
         self.tokenizer = SimTokenizer()
         self.model = self.config.model_name()
@@ -501,6 +820,9 @@ class OpenAIIngress:
         self.prefix_block_size = self.config.prefix_block_size
         self.created = int(time.time())
         self.metrics = _Metrics(self.config.router)
+        self.num_active = 0
+        if digests:
+            logger.info("halffull ingress: API keys required (%d configured)", len(digests))
 
     # ---- plain endpoints -------------------------------------------------------------------------------
     @fastapi_app.get("/health")
@@ -519,6 +841,10 @@ class OpenAIIngress:
         text = await asyncio.get_running_loop().run_in_executor(None, _node_metrics_text)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
+    async def load(self) -> dict[str, Any]:
+        """Generation requests in this ingress replica now, its pid and RSS (tests, soak; not an HTTP route)."""
+        return {"num_active": self.num_active, "auth": bool(_ApiKeyGuard.digests), **process_memory()}
+
     # ---- generation ------------------------------------------------------------------------------------
     @fastapi_app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -531,47 +857,96 @@ class OpenAIIngress:
     async def _serve(self, request: Request, *, chat: bool):
         endpoint = "chat" if chat else "completions"
         arrival = time.perf_counter()
+        config = self.config
+        if self.num_active >= config.ingress_max_ongoing_requests:
+            # Refuse before reading the body: the cheapest answer under a flood.
+            self.metrics.rejected.inc(tags={"reason": "ingress"})
+            self.metrics.status(endpoint, 429)
+            return overloaded(f"The service is overloaded ({self.num_active} requests in progress)",
+                              config.retry_after_s).response()
+        admission = _Admission(self)
+        self.metrics.active.set(self.num_active)
+        handed_over = False
         try:
-            body = parse_body(await request.body())
-            prompt_ids, max_tokens = self._validate(body, chat=chat)
-        except ApiError as err:
-            self.metrics.status(endpoint, err.status)
-            return err.response()
-        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        call = {"request_id": request_id, "prompt_token_ids": prompt_ids, "max_tokens": max_tokens,
-                "ignore_eos": bool(body.get("ignore_eos")), "priority": body.get("priority") or 0}
-        routing = serve_router.routing_kwarg(request_id, prompt_ids, max_tokens,
-                                             prefix_block_size=self.prefix_block_size)
-        run = _Run(self.llm.remote(call, routing=routing), request_id, arrival)
-        try:
-            await run.start()  # routed and accepted: errors until here are still HTTP errors
-        except asyncio.CancelledError:
-            run.cancel()
-            raise
-        except Exception as exc:
-            return self._failed(run, exc, endpoint)
-        headers = {"x-request-id": request_id, "x-halffull-replica": run.replica or ""}
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            events = self._sse(run, request_id, chat=chat, include_usage=include_usage, endpoint=endpoint)
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        try:
-            token_ids = [t async for t in run.tokens()]
-        except asyncio.CancelledError:  # the client went away: stop the replica's work
-            run.cancel()
-            raise
-        except Exception as exc:
-            return self._failed(run, exc, endpoint)
-        self._finished(run, endpoint, 200)
-        text = self.tokenizer.decode(token_ids)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": run.finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": run.finish_reason}
-        payload = {"id": request_id, "object": "chat.completion" if chat else "text_completion",
-                   "created": int(time.time()), "model": self.model, "choices": [choice], "usage": run.usage()}
-        return JSONResponse(payload, headers=headers)
+            timeout = config.request_timeout_s
+            deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+            try:
+                body = parse_body(await self._read_body(request))
+                prompt_ids, max_tokens = self._validate(body, chat=chat)
+            except ApiError as err:
+                self.metrics.status(endpoint, err.status)
+                return err.response()
+            request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+            base = {"prompt_token_ids": prompt_ids, "max_tokens": max_tokens,
+                    "ignore_eos": bool(body.get("ignore_eos")), "priority": body.get("priority") or 0}
+            prefix_block_size = self.prefix_block_size
+
+            def call(attempt: int):
+                rid = _Run.attempt_id(request_id, attempt)
+                routing = serve_router.routing_kwarg(rid, prompt_ids, max_tokens, prefix_block_size=prefix_block_size)
+                return self.llm.remote({**base, "request_id": rid}, routing=routing)
+
+            run = _Run(call, request_id, arrival, max_retries=config.replica_retries, deadline=deadline,
+                       on_retry=lambda reason: self.metrics.retries.inc(tags={"reason": reason}))
+            try:
+                await run.start()  # routed and accepted: errors until here are still HTTP errors
+            except asyncio.CancelledError:
+                run.cancel()
+                raise
+            except Exception as exc:
+                return self._failed(run, exc, endpoint)
+            headers = {"x-request-id": request_id, "x-halffull-replica": run.replica or "",
+                       "x-halffull-retries": str(run.attempt)}
+            if body.get("stream"):
+                include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                events = self._sse(run, request_id, chat=chat, include_usage=include_usage, endpoint=endpoint,
+                                   admission=admission)
+                # A body that is dropped unstarted (client gone before the response began) never runs its
+                # finally: release the admission and cancel the replica's work when it is collected.
+                weakref.finalize(events, _abandoned, run, admission)
+                handed_over = True
+                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            try:
+                token_ids = await run.collect()
+            except asyncio.CancelledError:  # the client went away: stop the replica's work
+                run.cancel()
+                raise
+            except Exception as exc:
+                return self._failed(run, exc, endpoint)
+            headers["x-halffull-replica"] = run.replica or ""
+            headers["x-halffull-retries"] = str(run.attempt)
+            self._finished(run, endpoint, 200)
+            text = self.tokenizer.decode(token_ids)
+            if chat:
+                choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                          "finish_reason": run.finish_reason}
+            else:
+                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": run.finish_reason}
+            payload = {"id": request_id, "object": "chat.completion" if chat else "text_completion",
+                       "created": int(time.time()), "model": self.model, "choices": [choice], "usage": run.usage()}
+            return JSONResponse(payload, headers=headers)
+        finally:
+            if not handed_over:
+                admission.release()
+                self.metrics.active.set(self.num_active)
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused (413) past ``max_body_bytes``: from Content-Length before reading, else while
+        reading a chunked body."""
+        limit = self.config.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise _bad("Content-Length must be a non-negative integer", code="invalid_request")
+            if int(length) > limit:
+                raise too_large(limit)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _validate(self, body: Mapping[str, Any], *, chat: bool) -> tuple[list[int], int]:
         model = body.get("model")
@@ -587,13 +962,23 @@ class OpenAIIngress:
             ids = chat_prompt_ids(body, self.tokenizer, self.max_model_len)
         else:
             ids = completion_prompt_ids(body, self.tokenizer, self.max_model_len)
-        return ids, resolve_max_tokens(body, len(ids), self.max_model_len, chat=chat)
+        return ids, resolve_max_tokens(body, len(ids), self.max_model_len, chat=chat,
+                                       max_output_tokens=self.config.max_output_tokens)
+
+    def _error(self, exc: BaseException, endpoint: str) -> ApiError:
+        err = _classify(exc, self.config.retry_after_s)
+        self.metrics.status(endpoint, err.status)
+        if err.status == 429:
+            self.metrics.rejected.inc(tags={"reason": _rejected_reason(exc)})
+        return err
 
     def _failed(self, run: _Run, exc: Exception, endpoint: str) -> JSONResponse:
         run.cancel()
-        err = _classify(exc)
-        self.metrics.status(endpoint, err.status)
-        return err.response()
+        response = self._error(exc, endpoint).response()
+        if run.replica:
+            response.headers["x-halffull-replica"] = run.replica
+        response.headers["x-halffull-retries"] = str(run.attempt)
+        return response
 
     def _finished(self, run: _Run, endpoint: str, status: int) -> None:
         self.metrics.status(endpoint, status)
@@ -602,9 +987,10 @@ class OpenAIIngress:
         except Exception:
             logger.exception("halffull ingress: metrics failed")
         if run.end is not None:
-            serve_router.report_completion(run.request_id, run.num_tokens)
+            serve_router.report_completion(_Run.attempt_id(run.request_id, run.attempt), run.num_tokens)
 
-    async def _sse(self, run: _Run, request_id: str, *, chat: bool, include_usage: bool, endpoint: str):
+    async def _sse(self, run: _Run, request_id: str, *, chat: bool, include_usage: bool, endpoint: str,
+                   admission: _Admission):
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
         decoder = self.tokenizer.stream_decoder()
@@ -638,12 +1024,14 @@ class OpenAIIngress:
             done = True
             self._finished(run, endpoint, 200)
         except Exception as exc:
-            err = _classify(exc)
-            self.metrics.status(endpoint, err.status)
+            run.cancel()
+            err = self._error(exc, endpoint)
+            self.metrics.stream_errors.inc(tags={"endpoint": endpoint, "code": err.code or "error"})
             yield f"data: {json.dumps(err.body())}\n\n"
             done = True
         finally:
             if not done:  # the client went away: stop the replica's work
                 run.cancel()
+            admission.release()
+            self.metrics.active.set(self.num_active)
         yield "data: [DONE]\n\n"
-

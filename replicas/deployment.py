@@ -8,17 +8,27 @@ Call (from the ingress, deploy/app.py; the ``routing`` kwarg is for the router, 
 priority). The stream is::
 
     {"event": "start", "replica": "<replica unique id>"}        once accepted, before any token
+    {"event": "overloaded", "message": "..."}                    instead, when the engine's waiting queue is
+                                                                 full; nothing follows
     <int>                                                        one output token id per engine step
     {"event": "end", "finish_reason": "stop" | "length", "num_prompt_tokens", "num_cached_tokens",
      "num_output_tokens", "num_preemptions"}
 
-A request the engine can never run (prompt + max_tokens beyond the context) raises ValueError before the
-start event. Cancelling the stream (the client went away) aborts the request in the engine, so its KV blocks
-return to the pool.
+The request is in the engine (``backend.submit``) before the start event is sent, so everything that refuses
+it does so before the start event: ValueError when the engine can never run it (prompt + max_tokens beyond
+the context); the ``overloaded`` event when the engine's waiting queue is full (``max_waiting_requests``; the
+ingress answers 429). Cancelling the stream (the client went away) aborts the request in the engine, so
+its KV blocks return to the pool.
 
-``record_routing_stats()`` publishes the engine's stats (replicas/engine/stats.py keys) plus ``replica`` and
-the counters of ``counters()``; Serve polls it every ``request_routing_stats_period_s`` and hands it to the
-routers as ``RunningReplica.routing_stats``. The prefix-aware policies work from the router's own prefix
+Bounded queues (deploy/app.py sets them): Serve sends a replica at most ``max_ongoing_requests`` at once, and
+each caller's handle queues at most ``max_queued_requests`` more before it raises ``BackPressureError``.
+
+``record_routing_stats()`` publishes the engine's stats (replicas/engine/stats.py keys: ``num_free_blocks`` /
+``num_total_blocks`` among them), its occupancy (``num_unfinished``, ``num_streams``, ``num_rejected``: what
+must return to zero after cancellations), ``replica``, the counters of ``counters()``, and this process's
+``pid`` / ``rss_bytes``; routers read only the engine-stats keys. Tests call it on the replica actor directly
+(``ray.get_actor("SERVE_REPLICA::<app>#LLMReplica#<id>", namespace="serve")``). Serve polls it every
+``request_routing_stats_period_s`` and hands it to the routers as ``RunningReplica.routing_stats``. The prefix-aware policies work from the router's own prefix
 index, so nothing else is published.
 
 Backends: ``"sim"`` (replicas/sim/realtime.py, options: ``SimEngineConfig``). A vLLM backend plugs in through
@@ -33,6 +43,7 @@ from typing import Any, Mapping
 from ray import serve
 
 from replicas.backend import Backend, GenerateRequest, RequestOutcome
+from replicas.sim.realtime import EngineOverloadedError
 
 # Defaults for the Serve options; the app builder (deploy/app.py) may override them.
 MAX_ONGOING_REQUESTS = 512  # the engine itself queues (max_num_seqs 256 running + waiting)
@@ -64,6 +75,18 @@ def bind_replica_grpc_to_node_ip() -> None:
     replica_module.add_port_to_grpc_server = add_port
 
 
+def process_memory() -> dict[str, int]:
+    """This process's pid and resident set size in bytes (Linux /proc; rss 0 where unavailable)."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        rss = 0
+    return {"pid": os.getpid(), "rss_bytes": rss}
+
+
 def make_backend(kind: str, options: Mapping[str, Any] | None) -> Backend:
     if kind == "sim":
         from replicas.sim.realtime import AsyncSimEngine
@@ -91,6 +114,7 @@ class LLMReplica:
         self.num_requests = 0
         self.num_finished = 0
         self.num_aborted = 0
+        self.num_rejected = 0
         self.num_output_tokens = 0
 
     async def generate(self, request: Mapping[str, Any], routing: Mapping[str, Any] | None = None):
@@ -101,16 +125,27 @@ class LLMReplica:
             ignore_eos=bool(request.get("ignore_eos", False)),
             priority=int(request.get("priority", 0)),
         )
-        self.backend.validate(spec)
-        self.num_requests += 1
-        yield {"event": "start", "replica": self.replica_id}
         outcome = RequestOutcome()
-        stream = self.backend.generate(spec, outcome)
+        submit = getattr(self.backend, "submit", None)
+        if submit is not None:
+            try:
+                stream = submit(spec, outcome)  # in the engine now, or refused before the start event
+            except EngineOverloadedError as exc:
+                # An event, not an exception: under a flood this path runs thousands of times a second, and a
+                # Ray task error (pickled traceback, a new exception class per error) costs ~10x more.
+                self.num_rejected += 1
+                yield {"event": "overloaded", "message": str(exc)}
+                return
+        else:  # a backend without submit: validated now, admitted on the first token request
+            self.backend.validate(spec)
+            stream = self.backend.generate(spec, outcome)
+        self.num_requests += 1
         try:
+            yield {"event": "start", "replica": self.replica_id}
             async for token in stream:
                 yield token
         finally:
-            await stream.aclose()
+            await stream.aclose()  # aborts the request if it is still running (cancelled, client gone)
             self.num_output_tokens += outcome.num_output_tokens
             if outcome.finish_reason == "abort":
                 self.num_aborted += 1
@@ -136,13 +171,28 @@ class LLMReplica:
             "num_requests": self.num_requests,
             "num_finished": self.num_finished,
             "num_aborted": self.num_aborted,
+            "num_rejected": self.num_rejected,
             "num_output_tokens": self.num_output_tokens,
         }
 
     async def record_routing_stats(self) -> dict[str, Any]:
         stats = self.backend.stats(time.time())
+        occupancy = getattr(self.backend, "occupancy", None)
+        if occupancy is not None:
+            stats.update(occupancy())
         stats.update(self._counters())
+        stats.update(process_memory())
         return stats
+
+    async def occupancy(self) -> dict[str, Any]:
+        """The engine's queues and free KV blocks now, plus this process's id and resident memory (tests,
+        soak, operators). After every stream ended or was cancelled: no unfinished request, no open stream,
+        ``num_free_blocks == num_total_blocks``."""
+        occupancy = getattr(self.backend, "occupancy", None)
+        out = dict(occupancy()) if occupancy is not None else {}
+        out.update(self._counters())
+        out.update(process_memory())
+        return out
 
     async def max_model_len(self) -> int:
         return self.backend.max_model_len

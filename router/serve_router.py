@@ -42,11 +42,18 @@ exception in conversion or policy is logged (rate-limited) and the candidates ar
 order. Every return also sets ``routing_context.should_backoff``: without it Ray re-calls ``choose_replicas``
 in a tight loop while every replica rejects (queues full).
 
+Stats trust: a replica's published stats are used only if ``router.accounting.parse_stats`` accepts them
+(every field present, numeric, finite, in range) and their ``stats_time`` is within ``max_stats_age_s`` of
+this router's clock (either way: a replica that stopped publishing, or a skewed clock). Anything else makes the
+replica's snapshot ``stats_known=False`` — the policies rank it by request counts, after replicas with known
+stats — and never raises.
+
 Configuration (``request_router_kwargs`` -> ``initialize_state``):
   policy          str, default "sal"   a name from router.registry.POLICY_NAMES
   policy_params   dict, default {}     that policy's params (unknown keys fail at startup)
   seed            int | None           RNG seed; mixed with this router's actor id so routers in different
                                        processes draw differently. None: OS entropy.
+  max_stats_age_s float | None, 10.0   stats older (or further in the future) than this are unknown; None: any
 """
 
 from __future__ import annotations
@@ -73,6 +80,7 @@ logger = logging.getLogger("ray.serve")
 
 ROUTING_KWARG = "routing"
 COMPLETION_GRACE_S = 5.0
+MAX_STATS_AGE_S = 10.0
 _MAX_NOTES = 65536
 _LOG_EVERY_S = 10.0
 
@@ -138,6 +146,20 @@ def _take_note(request_id: str) -> Optional[int]:
         return _notes.pop(request_id, None)
 
 
+def _trusted(stats: Any, now: float, max_age_s: float | None) -> Any:
+    """``stats``, or None when they are too old or too far ahead of ``now`` (field checks: parse_stats)."""
+    if max_age_s is None or not isinstance(stats, Mapping):
+        return stats
+    published = stats.get("stats_time")
+    if isinstance(published, (int, float)) and not isinstance(published, bool):
+        try:
+            if abs(now - published) > max_age_s:
+                return None
+        except OverflowError:  # an int beyond float range
+            return None
+    return stats
+
+
 @dataclass(slots=True)
 class _InFlight:
     replica_id: str
@@ -159,16 +181,23 @@ class HalffullRequestRouter(RequestRouter):
         super().__init__(*args, **kwargs)
         self._self_actor_id = kwargs.get("self_actor_id") or ""
         self._setup("sal", None, None)
+        self._max_stats_age_s: float | None = MAX_STATS_AGE_S
         self._last_error_log = -_LOG_EVERY_S
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop routing runs on (set on first call)
         with _notes_lock:
             _routers.add(self)
 
     def initialize_state(self, policy: str = "sal", policy_params: Mapping[str, Any] | None = None,
-                         seed: int | None = None, **unknown: Any) -> None:
+                         seed: int | None = None, max_stats_age_s: float | None = MAX_STATS_AGE_S,
+                         **unknown: Any) -> None:
         if unknown:
-            raise ValueError(f"unknown request_router_kwargs {sorted(unknown)}; valid: policy, policy_params, seed")
+            raise ValueError(f"unknown request_router_kwargs {sorted(unknown)}; valid: policy, policy_params, seed, "
+                             "max_stats_age_s")
+        if max_stats_age_s is not None and (isinstance(max_stats_age_s, bool) or not isinstance(
+                max_stats_age_s, (int, float)) or not max_stats_age_s > 0):
+            raise ValueError(f"max_stats_age_s must be a number > 0 or None, got {max_stats_age_s!r}")
         self._setup(policy, policy_params, seed)
+        self._max_stats_age_s = max_stats_age_s
         logger.info("halffull router: policy %s params %s", policy, dict(policy_params or {}))
 
     def _setup(self, policy: str, policy_params: Mapping[str, Any] | None, seed: int | None) -> None:
@@ -208,8 +237,8 @@ class HalffullRequestRouter(RequestRouter):
         now = time.time()
         view = request_view(pending_request, now)
         by_id = {r.replica_id.unique_id: r for r in candidates}
-        snapshot = self._snapshot
-        snapshots = [snapshot(rid, r.routing_stats) for rid, r in by_id.items()]
+        snapshot, max_age = self._snapshot, self._max_stats_age_s
+        snapshots = [snapshot(rid, _trusted(r.routing_stats, now, max_age)) for rid, r in by_id.items()]
         tiers = self.policy.choose(view, snapshots, now=now, rng=self._rng)
         ranked, seen = [], set()
         for tier in tiers:

@@ -104,16 +104,18 @@ def test_killed_replica_fails_cleanly_and_is_replaced(base_url):
             if s.replica != victim:
                 assert len(s.next_events(5)) == 5
 
-        # In-flight blocking requests: 200 from a survivor or a clean 503 from the victim, never a hang.
-        statuses = []
+        # In-flight blocking requests: 200 from a survivor or a clean 503 from the victim, never a hang. One
+        # that had not started on the victim is re-sent to a survivor (x-halffull-retries > 0): no 503 then.
+        affected = 0
         for future in cf.as_completed(blocking, timeout=60):
             response = future.result()
-            statuses.append(response.status_code)
             if response.status_code == 503:
                 assert response.json()["error"]["code"] == "replica_unavailable"
+                affected += 1
             else:
                 assert response.status_code == 200 and response.headers["x-halffull-replica"] != victim
-        assert 503 in statuses, "sal spreads equal requests evenly, so some were on the victim"
+                affected += response.headers.get("x-halffull-retries", "0") != "0"
+        assert affected > 0, "sal spreads equal requests evenly, so some were on the victim"
     finally:
         for s in streams:
             s.close()

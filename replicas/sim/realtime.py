@@ -12,9 +12,14 @@ the latency model's step time divided by ``speedup`` and then samples placeholde
 Unlike the virtual-time replica (replicas/sim/virtual.py) it steps one token at a time, so every token is
 streamed when its step ends (no ``commit_decode_run``).
 
-Requests (``GenerateRequest``) stream token ids through ``generate(request)``, an async generator. The request
-enters the scheduler on the first ``__anext__``; closing the generator (``aclose``, garbage collection, or
+Requests (``GenerateRequest``) enter through ``submit(request)``, which validates the request, applies the
+waiting-queue limit and adds it to the scheduler at once (synchronously: nothing is queued anywhere else), and
+returns a ``TokenStream`` of token ids. ``generate(request)`` is the same as an async generator; its request
+enters the scheduler on the first ``__anext__``. Closing a stream (``aclose``, garbage collection, or
 cancellation of the consumer) before it finished aborts the request, so its KV blocks return to the pool.
+
+Overload: with ``max_waiting_requests`` set, ``submit`` raises ``EngineOverloadedError`` while that many
+requests wait in the scheduler (preempted ones included), so a replica never holds an unbounded queue.
 
 The simulated model:
   * output tokens are drawn from ``output_vocab`` with a per-request ``random.Random`` seeded by the prompt
@@ -32,12 +37,15 @@ wall seconds.
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import dataclasses
 import logging
 import math
 import random
 import sys
 import time
+import types
+import typing
 import zlib
 from array import array
 from dataclasses import dataclass, field
@@ -76,6 +84,7 @@ class SimEngineConfig:
     eos_min_tokens: int = 16
     eos_max_tokens: int = 256
     output_vocab: Sequence[int] | None = None  # None: DEFAULT_OUTPUT_VOCAB
+    max_waiting_requests: int | None = None  # waiting-queue limit; None: unbounded (Serve's limits still apply)
 
     def __post_init__(self):
         if not self.speedup > 0:
@@ -84,18 +93,112 @@ class SimEngineConfig:
             raise ValueError(f"need 1 <= eos_min_tokens <= eos_max_tokens, got {self.eos_min_tokens}, {self.eos_max_tokens}")
         if self.output_vocab is not None and not self.output_vocab:
             raise ValueError("output_vocab must not be empty")
+        # Upper bounds keep a typo from allocating a replica's memory away (block tables are Python lists).
+        for name, lo, hi in (("tp", 1, 64), ("block_size", 1, 4096), ("num_blocks", 1, MAX_NUM_BLOCKS),
+                             ("max_num_batched_tokens", 1, 1 << 24), ("max_num_seqs", 1, 1 << 20),
+                             ("max_model_len", 2, 1 << 24), ("max_waiting_requests", 0, 1 << 30)):
+            value = getattr(self, name)
+            if value is not None and not lo <= value <= hi:
+                raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "SimEngineConfig":
-        """Build from a plain dict (Serve config); unknown keys fail loudly."""
+        """Build from a plain dict (Serve config); unknown keys and ill-typed values fail loudly (ValueError)."""
+        if values is not None and not isinstance(values, Mapping):
+            raise ValueError(f"sim engine options must be a mapping, got {type(values).__name__}")
         values = dict(values or {})
         valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid)
+        unknown = sorted(set(values) - valid, key=str)
         if unknown:
             raise ValueError(f"unknown sim engine option(s) {unknown}; valid: {sorted(valid)}")
         if values.get("speedup") in ("inf", "infinity"):
             values["speedup"] = math.inf
-        return cls(**values)
+        config = cls(**check_field_types(cls, values, "sim engine option"))
+        check_engine_params(config.engine_policy, config.engine_params)
+        return config
+
+
+MAX_NUM_BLOCKS = 1 << 22  # 64M tokens at 16 per block: more KV than any GPU holds
+
+
+# ---- config type checks (shared with deploy/app.py's AppConfig) -----------------------------------------
+def check_field_types(cls: type, values: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``values`` checked against the annotations of dataclass ``cls``; ValueError naming the field otherwise.
+
+    YAML-friendly but strict: ``bool`` takes only True/False; ``int`` takes ints, not bools; ``float`` takes
+    ints or finite-or-infinite floats (stored as float); ``str`` takes strings; ``X | None`` also takes None;
+    ``Mapping[str, ...]`` takes a mapping with string keys; ``Sequence[int]`` a list or tuple of ints.
+    """
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in values.items():
+        hint = hints[key]
+        options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        for option in options:
+            ok, coerced = _fits(value, option)
+            if ok:
+                out[key] = coerced
+                break
+        else:
+            shown = repr(value)
+            raise ValueError(f"{what} {key!r} must be {_describe(hint)}, got {shown[:80]}")
+    return out
+
+
+def _fits(value: Any, option: Any) -> tuple[bool, Any]:
+    if option is type(None):
+        return value is None, None
+    if option is Any:
+        return True, value
+    if option is bool:
+        return isinstance(value, bool), value
+    if option is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if option is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False, None
+        try:
+            return True, float(value)
+        except OverflowError:  # an int beyond float range
+            return False, None
+    if option is str:
+        return isinstance(value, str), value
+    origin = typing.get_origin(option)
+    if origin is collections.abc.Mapping:
+        return isinstance(value, Mapping) and all(isinstance(k, str) for k in value), value
+    if origin is collections.abc.Sequence:
+        (item,) = typing.get_args(option)
+        ok = isinstance(value, (list, tuple)) and all(_fits(v, item)[0] for v in value)
+        return ok, value
+    return isinstance(value, option), value
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(_describe(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def check_engine_params(policy: str, params: Mapping[str, Any]) -> None:
+    """Fail (ValueError) on an unknown engine policy or ill-typed / unknown / out-of-range params."""
+    from router.registry import build_params  # the one strict params checker (int vs bool vs float)
+
+    if not isinstance(policy, str):
+        raise ValueError(f"engine_policy must be a string, got {policy!r}")
+    if not isinstance(params, Mapping):
+        raise ValueError(f"engine_params must be a mapping, got {type(params).__name__}")
+    plain = make_engine_policy(policy)  # unknown names fail here
+    params_cls = getattr(type(plain), "Params", None)
+    if params_cls is None:
+        if params:
+            raise ValueError(f"engine policy {policy!r} takes no parameters, got {sorted(params, key=str)}")
+        return
+    try:
+        build_params(params_cls, params, policy)
+    except TypeError as exc:  # a range check comparing an unexpected type
+        raise ValueError(f"bad engine_params for {policy!r}: {exc}") from None
 
 
 def prompt_crc(prompt_token_ids: Sequence[int]) -> int:
@@ -133,6 +236,73 @@ class EngineDeadError(RuntimeError):
     """The step loop crashed; the engine serves nothing more (the replica's health check fails)."""
 
 
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is at ``max_waiting_requests``: the request was not added (the ingress answers 429)."""
+
+
+class TokenStream:
+    """One submitted request's output token ids (``async for``); ``close()`` / ``aclose()`` aborts it if it
+    has not finished. Unlike an async generator it owns its request from the moment it exists, so a stream
+    that is never iterated still releases its KV blocks when closed or garbage-collected."""
+
+    __slots__ = ("_engine", "_request", "_stream", "outcome", "_closed")
+
+    def __init__(self, engine: "AsyncSimEngine", request: Request, stream: _Stream, outcome: RequestOutcome):
+        self._engine, self._request, self._stream, self.outcome = engine, request, stream, outcome
+        self._closed = False
+
+    @property
+    def request_id(self) -> str:
+        return self._request.request_id
+
+    def __aiter__(self) -> "TokenStream":
+        return self
+
+    async def __anext__(self) -> int:
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            item = await self._stream.queue.get()
+        except BaseException:  # cancelled while waiting: the consumer is gone
+            self.close()
+            raise
+        if item is _END:
+            request = self._request
+            if request.status == RequestStatus.FINISHED:
+                self.outcome.finish_reason = "length" if request.num_output_tokens >= request.max_tokens else "stop"
+            self.close()
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        self.outcome.num_output_tokens += 1
+        return item
+
+    def close(self) -> None:
+        """Abort the request if it is still running; fill in the outcome. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        engine, request, outcome = self._engine, self._request, self.outcome
+        engine._streams.pop(request.request_id, None)
+        if not self._stream.finished:
+            engine.abort(request.request_id)
+        outcome.num_cached_tokens = max(request.num_cached_tokens, 0)
+        outcome.num_preemptions = request.num_preemptions
+        if outcome.finish_reason is None:
+            outcome.finish_reason = "abort"
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __del__(self):
+        if not self._closed:
+            try:
+                self.close()
+            except Exception:  # interpreter shutdown
+                pass
+
+
 class AsyncSimEngine:
     """A Scheduler driven by a real-time step loop; see the module docstring."""
 
@@ -146,6 +316,7 @@ class AsyncSimEngine:
         eos_max_tokens: int = 256,
         output_vocab: Sequence[int] | None = None,
         clock: Callable[[], float] = time.time,
+        max_waiting_requests: int | None = None,
     ):
         if not speedup > 0:
             raise ValueError(f"speedup must be > 0, got {speedup}")
@@ -159,6 +330,8 @@ class AsyncSimEngine:
         self.estimator = OutputLengthEstimator()
         self.num_finished = 0
         self.num_aborted = 0
+        self.num_rejected = 0  # submits refused by max_waiting_requests
+        self.max_waiting_requests = max_waiting_requests
         self.busy_time = 0.0  # simulated (wall) seconds spent in steps
         self._streams: dict[str, _Stream] = {}
         self._work: asyncio.Event | None = None
@@ -182,7 +355,8 @@ class AsyncSimEngine:
         scheduler = Scheduler(sched_config, make_engine_policy(config.engine_policy, dict(config.engine_params)))
         return cls(
             scheduler, latency, speedup=config.speedup, eos_min_tokens=config.eos_min_tokens,
-            eos_max_tokens=config.eos_max_tokens, output_vocab=config.output_vocab, **kwargs,
+            eos_max_tokens=config.eos_max_tokens, output_vocab=config.output_vocab,
+            max_waiting_requests=config.max_waiting_requests, **kwargs,
         )
 
     # ---- the backend interface ------------------------------------------------------------------------
@@ -207,15 +381,22 @@ class AsyncSimEngine:
         if request.request_id in self._streams:
             raise ValueError(f"duplicate request id {request.request_id!r}")
 
-    async def generate(self, request: GenerateRequest, outcome: RequestOutcome | None = None) -> AsyncIterator[int]:
-        """Token ids of ``request`` as they are sampled; closing early aborts the request.
+    def submit(self, request: GenerateRequest, outcome: RequestOutcome | None = None) -> "TokenStream":
+        """Add ``request`` to the scheduler now and return its token stream (close it to abort).
 
-        ``outcome``, if given, counts output tokens as they are yielded and gets the cache hit, preemption
-        count and finish reason when the request ends.
+        Raises ValueError if the request can never run, ``EngineOverloadedError`` if the waiting queue is at
+        ``max_waiting_requests``, ``EngineDeadError`` if the step loop crashed. ``outcome``, if given, counts
+        output tokens as they are yielded and gets the cache hit, preemption count and finish reason when the
+        request ends.
         """
         if self._error is not None:
             raise EngineDeadError(f"engine step loop failed: {self._error!r}")
         self.validate(request)
+        limit = self.max_waiting_requests
+        if limit is not None and len(self.scheduler.waiting) >= limit:
+            self.num_rejected += 1
+            raise EngineOverloadedError(
+                f"the engine's waiting queue is full ({len(self.scheduler.waiting)} >= {limit} requests)")
         rid = request.request_id
         ids = list(request.prompt_token_ids)
         crc = prompt_crc(ids)
@@ -232,26 +413,17 @@ class AsyncSimEngine:
         self._streams[rid] = stream
         self._ensure_loop()
         self._work.set()
+        return TokenStream(self, req, stream, outcome)
+
+    async def generate(self, request: GenerateRequest, outcome: RequestOutcome | None = None) -> AsyncIterator[int]:
+        """Token ids of ``request`` as they are sampled (``submit`` on the first ``__anext__``); closing
+        early aborts the request."""
+        tokens = self.submit(request, outcome)
         try:
-            queue = stream.queue
-            while True:
-                item = await queue.get()
-                if item is _END:
-                    if req.status == RequestStatus.FINISHED:
-                        outcome.finish_reason = "length" if req.num_output_tokens >= req.max_tokens else "stop"
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                outcome.num_output_tokens += 1
-                yield item
+            async for token in tokens:
+                yield token
         finally:
-            self._streams.pop(rid, None)
-            if not stream.finished:
-                self.abort(rid)
-            outcome.num_cached_tokens = max(req.num_cached_tokens, 0)
-            outcome.num_preemptions = req.num_preemptions
-            if outcome.finish_reason is None:
-                outcome.finish_reason = "abort"
+            tokens.close()
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is (its blocks return to the pool); False if it is not running."""
@@ -271,6 +443,17 @@ class AsyncSimEngine:
         """What the replica publishes for routers (replicas/engine/stats.py)."""
         return engine_stats(self.scheduler, self.estimator, now=self.clock() if now is None else now,
                             latency=self.latency)
+
+    def occupancy(self) -> dict[str, int]:
+        """Queues and KV memory right now (tests, soak, operators): after every stream ended or was aborted,
+        ``num_unfinished``, ``num_streams`` are 0 and ``num_free_blocks == num_total_blocks``."""
+        sched = self.scheduler
+        return {
+            "num_running": len(sched.running), "num_waiting": len(sched.waiting),
+            "num_unfinished": sched.num_unfinished, "num_streams": len(self._streams),
+            "num_free_blocks": sched.num_free_blocks, "num_total_blocks": sched.num_total_blocks,
+            "num_finished": self.num_finished, "num_aborted": self.num_aborted, "num_rejected": self.num_rejected,
+        }
 
     def check_health(self) -> None:
         if self._error is not None:
