@@ -114,7 +114,7 @@ def _add_optional_commands(sub) -> None:
     """Subcommands whose modules register themselves (one module, one job)."""
     import importlib
 
-    for module in ("loadtest.compare", "loadtest.bench", "loadtest.make_tiny_model"):
+    for module in ("loadtest.compare", "loadtest.bench", "loadtest.make_tiny_model", "loadtest.live"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
