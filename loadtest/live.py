@@ -870,8 +870,16 @@ def _live_once(cluster, run: LiveRun, sl: Slice, speedup: float, run_dir: Path, 
     return summary, extra
 
 
+def _exit_on_sigterm(signum, _frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: locust's group and the Ray cluster are stopped
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    run_compare(args, command=getattr(args, "_command", "") or shlex.join(["halffull", *sys.argv[1:]]))
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        run_compare(args, command=getattr(args, "_command", "") or shlex.join(["halffull", *sys.argv[1:]]))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 
@@ -920,17 +928,10 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``halffull loadtest ...`` without the cli.py registration: ``main(["compare", "--limit", "50", ...])``."""
-    parser = argparse.ArgumentParser(prog="halffull")
-    register(parser.add_subparsers(dest="command", required=True))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(["loadtest", *argv])
-    args._command = shlex.join(["halffull", "loadtest", *argv])
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    """``python -m loadtest.live compare ...`` = ``halffull loadtest compare ...`` (loadtest/cli.py registers it)."""
+    from loadtest.cli import main as cli_main
+
+    return cli_main(["loadtest", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

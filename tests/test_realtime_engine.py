@@ -287,3 +287,20 @@ def test_every_engine_policy_serves_a_burst_under_memory_pressure(policy):
         await eng.close()
 
     run(main())
+
+
+@pytest.mark.parametrize(
+    "prev, now, dt, expected",
+    [
+        (None, 10.0, 0.04, 10.04),     # first step after idling: begins now
+        (10.0, 10.003, 0.04, 10.04),   # 3 ms late (loop CPU, oversleep): made up, the timeline holds
+        (10.0, 10.010, 0.04, 10.04),   # exactly the catch-up bound
+        (10.0, 10.5, 0.04, 10.54),     # a stall: the timeline restarts from now
+        (10.0, 9.999, 0.04, 10.04),    # woke early: the step still begins at the deadline
+    ],
+    ids=["after-idle", "small-lag", "bound", "stall", "early"],
+)
+def test_next_deadline(prev, now, dt, expected):
+    from replicas.sim.realtime import next_deadline
+
+    assert next_deadline(prev, now, dt, max_catchup=0.010) == pytest.approx(expected)

@@ -5,12 +5,18 @@ the latency model's step time divided by ``speedup`` and then samples placeholde
 
     step loop:  wait for work (an asyncio.Event; no busy loop when idle)
                 out = scheduler.schedule(now)
-                await asyncio.sleep(latency.step_time(out) / speedup)
+                await sleep_until(step deadline)          # step_time(out) / speedup after the step began
                 scheduler.update_from_output(out, now)    # one token per request whose prefill is complete
                 push each sampled token to its request's stream; close the streams of finished requests
 
 Unlike the virtual-time replica (replicas/sim/virtual.py) it steps one token at a time, so every token is
 streamed when its step ends (no ``commit_decode_run``).
+
+Step timing: each step *ends* ``step_time / speedup`` after it began, so the CPU the loop itself spends
+(scheduling, token delivery, the rest of the event loop) and ``asyncio.sleep``'s oversleep fall inside the
+modelled time instead of stretching every step (``next_deadline``). While the engine stays busy a step begins
+at the previous step's deadline, so a late wake-up of up to ``MAX_CATCHUP_S`` is made up by the next steps;
+a longer stall (a starved host) is not: the timeline restarts from now, as a real engine's would.
 
 Requests (``GenerateRequest``) enter through ``submit(request)``, which validates the request, applies the
 waiting-queue limit and adds it to the scheduler at once (synchronously: nothing is queued anywhere else), and
@@ -303,6 +309,20 @@ class TokenStream:
                 pass
 
 
+MAX_CATCHUP_S = 0.010  # wall seconds of lateness the step loop makes up (see the module docstring)
+
+
+def next_deadline(prev_deadline: float | None, now: float, dt: float, max_catchup: float = MAX_CATCHUP_S) -> float:
+    """When a step of ``dt`` seconds that begins ``now`` ends, on the loop's monotonic clock.
+
+    ``prev_deadline`` is the previous step's deadline while the engine stayed busy (None after idling): the step
+    is taken to begin there if the loop is at most ``max_catchup`` late, so the lateness is made up; later than
+    that, it begins now.
+    """
+    busy = prev_deadline is not None and now - prev_deadline <= max_catchup
+    return (prev_deadline if busy else now) + dt
+
+
 class AsyncSimEngine:
     """A Scheduler driven by a real-time step loop; see the module docstring."""
 
@@ -498,22 +518,28 @@ class AsyncSimEngine:
 
     async def _loop(self) -> None:
         sched, work = self.scheduler, self._work
+        loop = asyncio.get_running_loop()
+        deadline = None  # the previous step's end while the engine stays busy
         while not self._closed:
             if not sched.has_work():
+                deadline = None
                 work.clear()
                 await work.wait()
                 continue
+            began = loop.time()
             out = sched.schedule(self.clock())
             if out.is_empty and out.preempted:
                 continue  # a step that only preempted is progress: schedule again (as vLLM does)
             if out.is_empty:
                 # Nothing can run until something external changes (an arrival or an abort).
+                deadline = None
                 work.clear()
                 await work.wait()
                 continue
             dt = self.latency.step_time(*step_cost(out)) / self.speedup
             self.busy_time += dt
-            await asyncio.sleep(dt)
+            deadline = next_deadline(deadline, began, dt)
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
             before = [(r, r.num_output_tokens) for r in out.num_scheduled_tokens]
             finished = sched.update_from_output(out, self.clock())
             self._deliver(before, finished)
