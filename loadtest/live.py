@@ -90,6 +90,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _exit_on_sigterm(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 class LocalServe:
     """A local Ray cluster + Serve proxy on 127.0.0.1 for the duration of a ``with`` block.
 
@@ -101,6 +105,7 @@ class LocalServe:
     def __init__(self, num_cpus: int = 4):
         self.num_cpus = num_cpus
         self.http = ""
+        self._previous_sigterm = None
 
     def __enter__(self) -> "LocalServe":
         # Ray's own listeners on 127.0.0.1 (DESIGN.md §9). Ray reads the variable once, when it is first imported
@@ -114,6 +119,11 @@ class LocalServe:
 
         ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  log_to_driver=False, logging_level="ERROR", namespace="halffull-loadtest")
+        # After ray.init, which installs its own: SIGTERM unwinds like Ctrl-C, so __exit__ stops the cluster
+        # (and run_locust locust's process group) instead of leaving Ray's agents behind.
+        self._previous_sigterm = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             port = _free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -131,6 +141,8 @@ class LocalServe:
             serve.shutdown()
         finally:
             ray.shutdown()
+            if self._previous_sigterm is not None:
+                signal.signal(signal.SIGTERM, self._previous_sigterm)
 
     def deploy(self, name: str, args: Mapping[str, Any]) -> str:
         from ray import serve
@@ -870,16 +882,8 @@ def _live_once(cluster, run: LiveRun, sl: Slice, speedup: float, run_dir: Path, 
     return summary, extra
 
 
-def _exit_on_sigterm(signum, _frame) -> None:
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: locust's group and the Ray cluster are stopped
-
-
 def cmd_compare(args: argparse.Namespace) -> int:
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    try:
-        run_compare(args, command=getattr(args, "_command", "") or shlex.join(["halffull", *sys.argv[1:]]))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    run_compare(args, command=getattr(args, "_command", "") or shlex.join(["halffull", *sys.argv[1:]]))
     return 0
 
 

@@ -20,8 +20,16 @@ Ray resolves the call's arguments before routing, so ``choose_replicas`` reads t
 ``pending_request.kwargs``. A call without ``routing`` (any other method) is routed as a one-token request.
 
 Lifecycle hooks (verified in ray/serve/_private/router.py, 2.60):
+  * ``choose_replicas`` *reserves* its first choice: ``policy.on_routed`` and ``RouterAccounting.on_routed``
+    run at once, as in the simulator. Why: Ray calls ``on_request_routed`` only after the replica accepted
+    (a round trip later), and requests arriving together would otherwise all be ranked on the same state and
+    herd onto one replica (round_robin sent four in a row to one replica under a burst). A request ranked
+    again (every replica rejected it) first releases its reservation; one never routed releases it after
+    ``RESERVATION_TTL_S``.
   * ``on_request_routed(pending_request, replica_id, result)``: called once the replica *accepted* the request
-    (rejection protocol). -> ``policy.on_routed`` and ``RouterAccounting.on_routed``.
+    (rejection protocol). The reservation becomes the routed request; if Ray used another replica than the
+    reserved one, the accounting moves there and the policy hears ``on_routed`` for the replica actually used
+    (a policy's own side effects of the reservation, e.g. a prefix-index entry, stay: a harmless hint).
   * ``on_request_completed(replica_id, internal_request_id)``: called when the result finishes, fails or is
     cancelled — also for attempts a replica rejected, so it is ignored unless the request was routed to that
     replica. -> ``RouterAccounting.on_finished``; ``policy.on_finished`` once the output token count is
@@ -80,6 +88,7 @@ logger = logging.getLogger("ray.serve")
 
 ROUTING_KWARG = "routing"
 COMPLETION_GRACE_S = 5.0
+RESERVATION_TTL_S = 30.0  # a reservation whose request was neither routed nor ranked again is released
 MAX_STATS_AGE_S = 10.0
 _MAX_NOTES = 65536
 _LOG_EVERY_S = 10.0
@@ -168,6 +177,12 @@ class _InFlight:
 
 
 @dataclass(slots=True)
+class _Reserved:
+    replica_id: str
+    at: float
+
+
+@dataclass(slots=True)
 class _Awaiting:
     replica_id: str
     num_prompt_tokens: int
@@ -208,6 +223,7 @@ class HalffullRequestRouter(RequestRouter):
         fallback = OutputLengthEstimator()
         self._expected_decode = expected or (lambda view: fallback.expected_remaining(view.max_tokens, 0))
         self._inflight: dict[str, _InFlight] = {}  # internal request id -> where it went
+        self._reserved: dict[str, _Reserved] = {}  # internal request id -> first choice, not yet accepted
         # Snapshot cache: a snapshot is a pure function of the replica's published stats (a new dict object on
         # every update) and this router's accounting for it (version bumped on every change).
         self._snapshots: dict[str, tuple[Any, int, Any]] = {}
@@ -236,6 +252,10 @@ class HalffullRequestRouter(RequestRouter):
     def _rank(self, candidates: Sequence[RunningReplica], pending_request: Optional[PendingRequest]):
         now = time.time()
         view = request_view(pending_request, now)
+        internal_id = pending_request.metadata.internal_request_id if pending_request is not None else ""
+        if self._reserved:
+            self._release(internal_id)  # ranked again: its last choice rejected it
+            self._expire_reservations(now)
         by_id = {r.replica_id.unique_id: r for r in candidates}
         snapshot, max_age = self._snapshot, self._max_stats_age_s
         snapshots = [snapshot(rid, _trusted(r.routing_stats, now, max_age)) for rid, r in by_id.items()]
@@ -255,7 +275,32 @@ class HalffullRequestRouter(RequestRouter):
                 ranked.append(replicas)
         if len(seen) < len(by_id):  # a policy that left candidates out: keep them reachable, last
             ranked.append([r for rid, r in by_id.items() if rid not in seen])
+        if internal_id and ranked:
+            try:
+                self._reserve(internal_id, view, ranked[0][0].replica_id.unique_id, now)
+            except Exception:  # the ranking stands; on_request_routed accounts for the request instead
+                self._reserved.pop(internal_id, None)
+                self._log_error("halffull router: reserving the first choice failed")
         return ranked
+
+    def _reserve(self, internal_id: str, view: RequestView, replica_id: str, now: float) -> None:
+        self.policy.on_routed(view, replica_id, now=now)
+        self.accounting.on_routed(internal_id, replica_id, now=now, prompt_tokens=view.num_prompt_tokens,
+                                  decode_tokens=self._expected_decode(view))
+        self._changed(replica_id)
+        self._reserved[internal_id] = _Reserved(replica_id, now)
+
+    def _release(self, internal_id: str) -> Optional[_Reserved]:
+        reserved = self._reserved.pop(internal_id, None)
+        if reserved is not None:
+            self.accounting.on_finished(internal_id)
+            self._changed(reserved.replica_id)
+        return reserved
+
+    def _expire_reservations(self, now: float) -> None:
+        stale = [k for k, v in self._reserved.items() if now - v.at > RESERVATION_TTL_S]
+        for internal_id in stale:
+            self._release(internal_id)
 
     def _snapshot(self, replica_id: str, stats: Any):
         version = self._versions.get(replica_id, 0)
@@ -276,10 +321,14 @@ class HalffullRequestRouter(RequestRouter):
             view = request_view(pending_request, now)
             rid = replica_id.unique_id
             internal_id = pending_request.metadata.internal_request_id
-            self.policy.on_routed(view, rid, now=now)
-            self.accounting.on_routed(internal_id, rid, now=now, prompt_tokens=view.num_prompt_tokens,
-                                      decode_tokens=self._expected_decode(view))
-            self._changed(rid)
+            reserved = self._reserved.get(internal_id)
+            if reserved is None or reserved.replica_id != rid:
+                self._release(internal_id)  # Ray used another tier: the accounting moves there
+                self.policy.on_routed(view, rid, now=now)
+                self.accounting.on_routed(internal_id, rid, now=now, prompt_tokens=view.num_prompt_tokens,
+                                          decode_tokens=self._expected_decode(view))
+                self._changed(rid)
+            self._reserved.pop(internal_id, None)
             self._inflight[internal_id] = _InFlight(rid, view.request_id or internal_id, view.num_prompt_tokens)
         except Exception:
             self._log_error("halffull router: on_request_routed failed")
@@ -347,6 +396,7 @@ class HalffullRequestRouter(RequestRouter):
                 self._log_error("halffull router: policy.on_replica_removed failed")
             for internal_id in self.accounting.on_replica_removed(rid):
                 self._inflight.pop(internal_id, None)
+                self._reserved.pop(internal_id, None)
 
     def _log_error(self, message: str) -> None:
         now = time.monotonic()

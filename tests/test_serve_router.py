@@ -281,3 +281,60 @@ def test_choose_is_cheap():
         return (time.perf_counter() - start) / 200
 
     assert run(main()) < 2e-3
+
+
+# ---- reservations: a decision counts at once, not a round trip later -------------------------------------
+@pytest.mark.parametrize("policy", ["round_robin", "least_requests", "sal"])
+def test_a_burst_ranked_before_any_acceptance_spreads_out(policy):
+    async def main():
+        router = make_router(policy)
+        replicas = [FakeReplica(x) for x in "abcd"]
+        firsts = []
+        for i in range(4):  # Ray ranks all four before the first replica has accepted anything
+            # (distinct prompts: a shared prefix would rightly draw sal to the replica that has it)
+            routing = routing_kwarg(f"req-{i}", list(range(1000 * i, 1000 * i + 100)), 32, prefix_block_size=16)
+            firsts.append(ids(await router.choose_replicas(replicas, pending(routing, f"r{i}")))[0][0])
+        assert sorted(firsts) == ["a", "b", "c", "d"]
+        assert [router.accounting.outstanding(x) for x in "abcd"] == [1, 1, 1, 1]
+
+    run(main())
+
+
+def test_ranking_again_releases_the_last_reservation():
+    async def main():
+        router = make_router("least_requests")
+        a, b = FakeReplica("a"), FakeReplica("b")
+        await router.choose_replicas([a, b], pending(ROUTING))
+        again = ids(await router.choose_replicas([a, b], pending(ROUTING)))[0][0]  # first choice rejected it
+        assert router.accounting.outstanding("a") + router.accounting.outstanding("b") == 1
+        assert router._reserved["internal-r1"].replica_id == again
+
+    run(main())
+
+
+def test_acceptance_elsewhere_moves_the_accounting():
+    async def main():
+        router = make_router("least_requests")
+        a, b = FakeReplica("a"), FakeReplica("b")
+        first = ids(await router.choose_replicas([a, b], pending(ROUTING)))[0][0]
+        other = b if first == "a" else a
+        router.on_request_routed(pending(ROUTING), other.replica_id, None)  # Ray fell back to the second tier
+        assert router.accounting.outstanding(first) == 0
+        assert router.accounting.outstanding(other.replica_id.unique_id) == 1
+        assert not router._reserved and router._inflight["internal-r1"].replica_id == other.replica_id.unique_id
+        router.on_request_completed(other.replica_id, "internal-r1")
+        assert router.accounting.outstanding("a") + router.accounting.outstanding("b") == 0
+
+    run(main())
+
+
+def test_a_reservation_never_routed_expires():
+    async def main():
+        router = make_router("least_requests")
+        a = FakeReplica("a")
+        await router.choose_replicas([a], pending(ROUTING, "gone"))  # then the client went away
+        router._reserved["internal-gone"].at -= serve_router.RESERVATION_TTL_S + 1
+        await router.choose_replicas([a], pending(ROUTING, "next"))
+        assert "internal-gone" not in router._reserved and router.accounting.outstanding("a") == 1
+
+    run(main())
