@@ -100,3 +100,52 @@ def test_headless_replay_against_the_default_app(default_app, tmp_path):
     with open(f"{out}_records.csv") as f:
         records = list(csv.DictReader(f))
     assert len(records) == NUM_REQUESTS and not any(r["error"] for r in records)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(150)
+def test_web_ui_replay_started_from_the_ui(default_app, tmp_path):
+    """The people's way: locust with its web UI on loopback, started with the UI's own /swarm call."""
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "webui.json"
+    cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--host", default_app, "--web-port", str(port),
+           "--trace", "azure_conv", "--limit", "12", "--rate-scale", "4", "--json-out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ui = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(ui, timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and proc.poll() is None, "the web UI did not come up"
+                time.sleep(0.5)
+        listening = [c for c in psutil.Process(proc.pid).net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+        assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening)
+        started = httpx.post(f"{ui}/swarm", data={"user_count": 1, "spawn_rate": 1, "host": default_app}, timeout=10)
+        assert started.json()["success"]
+        deadline = time.monotonic() + 90
+        while not out.exists():  # written when the replay ends; the UI then shows "stopped"
+            assert time.monotonic() < deadline, "the replay did not finish"
+            time.sleep(0.5)
+        stats = httpx.get(f"{ui}/stats/requests", timeout=10).json()
+        counts = {(s["method"], s["name"]): s["num_requests"] for s in stats["stats"]}
+        assert counts[("TTFT", "/v1/completions (model ms)")] == 12 and counts[("POST", "/v1/completions")] == 12
+        summary = json.loads(out.read_text())
+        assert summary["completed"] == 12 and summary["failed"] == 0
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert not locust_processes(str(tmp_path))
