@@ -20,7 +20,8 @@ Then ``results.csv``, PNG plots and ``report.md`` with the writers of ``halffull
 ``--with-sim`` also runs the same slice through the offline simulator (loadtest/cluster_sim.py) with the same
 configuration, as series ``"<label> [offline]"`` (their own plot panel, see report.panels), and appends the
 sim-vs-live agreement: per-policy live/offline ratios of mean TTFT and TPOT (also with the measured idle path
-cost taken out), the per-request median TTFT difference, the ranking of the policies on both sides, the
+cost taken out), the per-request median TTFT difference, the ranking of the policies on both sides (and which
+orderings the simulator gives under every router seed: only those are the policies', not a random draw's), the
 simulator's sensitivity to stats staleness (stats period 0, P and 2P) and the measured causes of the gaps.
 
 Shared hosts: the live numbers need the CPU the service asks for. Every run records how many cores the rest of
@@ -71,7 +72,7 @@ from loadtest import report
 from loadtest.metrics import RequestRecord, Slo
 
 __all__ = ["LiveRun", "LocalServe", "app_args", "wall_engine_params", "plan_runs", "run_compare", "agreement",
-           "agreement_markdown", "register", "main"]
+           "robust_pairs", "agreement_markdown", "register", "main"]
 
 LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
 MIN_WALL_STATS_PERIOD_S = 0.1
@@ -79,6 +80,7 @@ PROBE_REQUESTS = 3
 PROBE_PROMPT_TOKENS = 16
 PROBE_OUTPUT_TOKENS = 32
 TTFT_AGREEMENT_TARGET = 0.15  # |live / offline - 1| of mean TTFT, at moderate load
+SEED_SPREAD = 4  # offline runs with router seeds seed .. seed+3: how much of a ranking is luck of the draw
 OFFLINE_SUFFIX = " [offline]"
 _PROGRESS_RE = re.compile(r"replay progress: done=(\d+) total=(\d+) sent=(\d+) failed=(\d+) late=(\d+)")
 
@@ -558,6 +560,23 @@ def kendall_tau(order_a: Sequence[str], order_b: Sequence[str]) -> float:
     return (concordant - discordant) / (n * (n - 1) / 2)
 
 
+def robust_pairs(agree: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    """(better, worse) label pairs whose offline mean TTFT ranges over router seeds do not overlap.
+
+    Only these orderings are properties of the policies; the others depend on a random draw (pow2's samples, a
+    tie-break), so a live run may order them either way without disagreeing with the simulator.
+    """
+    ranged = [a for a in agree if a.get("offline_ttft_mean_seeds_min") is not None]
+    out = []
+    for i, x in enumerate(ranged):
+        for y in ranged[i + 1:]:
+            if x["offline_ttft_mean_seeds_max"] < y["offline_ttft_mean_seeds_min"]:
+                out.append((x["label"], y["label"]))
+            elif y["offline_ttft_mean_seeds_max"] < x["offline_ttft_mean_seeds_min"]:
+                out.append((y["label"], x["label"]))
+    return out
+
+
 def matched_ttft_delta_ms(live: Sequence[RequestRecord], offline: Sequence[RequestRecord]) -> float | None:
     """Median over requests completed on both sides of (live TTFT - offline TTFT), model ms."""
     sim = {r.request_id: r for r in offline if r.completed}
@@ -638,13 +657,24 @@ def agreement_markdown(agree: Sequence[Mapping[str, Any]], rows: Sequence[Mappin
         if closest is not None:
             lines += [f"Closest pair offline: {closest[1]} vs {closest[2]}, {closest[0]:.1%} apart in mean TTFT "
                       "(pairs closer than the live noise can swap).", ""]
+        pairs = robust_pairs(at)
+        if pairs:
+            live_ttft = {a["label"]: a["live_ttft_mean"] for a in at}
+            held = [(b, w) for b, w in pairs if live_ttft[b] < live_ttft[w]]
+            lines += [f"Orderings the simulator gives under every one of {SEED_SPREAD} router seeds (seed ranges "
+                      f"disjoint): {len(held)} of {len(pairs)} hold live"
+                      + "".join(f"; {b} < {w}" + ("" if (b, w) in held else " **not live**") for b, w in pairs)
+                      + ".", ""]
     sens = [a for a in agree if "offline_ttft_mean_stats_0" in a]
     if sens:
         lines += [f"Offline sensitivity to stats staleness (mean TTFT, ms, stats period 0 / {stats_period:g} s / "
-                  f"{2 * stats_period:g} s):", ""]
+                  f"{2 * stats_period:g} s) and to the router's random draws ({SEED_SPREAD} seeds):", ""]
         body = [[a["label"], f"{a['rate_scale']:g}×", f"{_ms(a['offline_ttft_mean_stats_0'])} / "
-                 f"{_ms(a['offline_ttft_mean'])} / {_ms(a['offline_ttft_mean_stats_2p'])}"] for a in sens]
-        lines += report._md_table(["router + engine", "rate", "stats 0 / P / 2P"], body, [":---", "---:", "---:"])
+                 f"{_ms(a['offline_ttft_mean'])} / {_ms(a['offline_ttft_mean_stats_2p'])}",
+                 f"{_ms(a.get('offline_ttft_mean_seeds_min'))} – {_ms(a.get('offline_ttft_mean_seeds_max'))}"]
+                for a in sens]
+        lines += report._md_table(["router + engine", "rate", "stats 0 / P / 2P", "seeds min – max"], body,
+                                  [":---", "---:", "---:", "---:"])
         lines.append("")
     lines += gap_lines([r for r in rows if r.get("source") == "live"])
     return "\n".join(lines)
@@ -800,6 +830,10 @@ def run_compare(args: argparse.Namespace, *, cluster=None, command: str = "",
                                      run.rate_scale).summary["ttft_mean"]
                 for name, period in (("stats_0", 0.0), ("stats_2p", 2 * run.config.stats_period_s))
             }
+            seeded = [result.summary["ttft_mean"]] + [
+                simulate_slice(dataclasses.replace(run.config, seed=run.config.seed + k), sl,
+                               run.rate_scale).summary["ttft_mean"] for k in range(1, SEED_SPREAD)]
+            sensitivity[key].update(seeds_min=min(seeded), seeds_max=max(seeded))
     agree = agreement(rows, deltas, sensitivity)
 
     csv_path = report.write_csv(rows, out_dir / "results.csv")

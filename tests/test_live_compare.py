@@ -135,3 +135,13 @@ def test_cli_parses_the_documented_command():
     assert [(r.label, r.rate_scale) for r in runs] == [("round_robin+fcfs", 0.6), ("round_robin+fcfs", 0.8),
                                                         ("sal+fcfs", 0.6), ("sal+fcfs", 0.8)]
     assert all(dataclasses.replace(r.config, router="x").gpu == "a10g" for r in runs)
+
+
+def test_robust_pairs_are_those_whose_seed_ranges_are_disjoint():
+    def row(label, lo, hi):
+        return {"label": label, "offline_ttft_mean_seeds_min": lo, "offline_ttft_mean_seeds_max": hi}
+
+    agree = [row("sal", 0.40, 0.41), row("rr", 0.417, 0.417), row("pow2", 0.48, 0.57), row("prefix", 0.47, 0.53)]
+    assert sorted(live.robust_pairs(agree)) == [("rr", "pow2"), ("rr", "prefix"), ("sal", "pow2"),
+                                                ("sal", "prefix"), ("sal", "rr")]
+    assert live.robust_pairs([{"label": "x"}]) == []  # no seed ranges: nothing to judge
