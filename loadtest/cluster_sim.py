@@ -27,7 +27,6 @@ from loadtest.traces import Trace, TraceRequest, load_trace
 from replicas.engine.policies import make_engine_policy
 from replicas.engine.request import Request, hash_trace_blocks
 from replicas.engine.scheduler import Scheduler, SchedulerConfig
-from replicas.engine.stats import engine_stats
 from replicas.sim.latency import LatencyModel
 from replicas.sim.virtual import SimReplica
 from router.accounting import RouterAccounting
@@ -133,15 +132,14 @@ class ClusterSim:
                        priority=tr.priority, block_hashes=hashes)
 
     def request_view(self, tr: TraceRequest) -> RequestView:
+        # Positional: a frozen dataclass built by keyword costs several times as much (once per request).
         return RequestView(tr.request_id, tr.num_prompt_tokens, tr.num_output_tokens, tr.arrival_s,
-                           prefix_hashes=tuple(tr.hash_ids), prefix_block_size=self.cfg.prefix_block_size)
+                           tuple(tr.hash_ids), self.cfg.prefix_block_size)
 
     def publish(self, now: float) -> None:
+        """Every replica's stats as of ``now``; the replicas have been advanced to ``now`` (advance_all)."""
         for rep in self.replicas:
-            for req in rep.materialize(now):
-                self._complete(rep.replica_id, req)
-            self.published[rep.replica_id] = engine_stats(
-                rep.scheduler, self.estimators[rep.replica_id], now=now, latency=self.latency)
+            self.published[rep.replica_id] = rep.stats(now, self.estimators[rep.replica_id])
 
     def advance_all(self, t: float) -> None:
         for rep in self.replicas:
@@ -165,7 +163,8 @@ class ClusterSim:
         if self.cfg.stats_period_s == 0:
             self.publish(t)
         view = self.request_view(tr)
-        snapshots = [router.accounting.snapshot(r.replica_id, self.published.get(r.replica_id)) for r in self.replicas]
+        snapshot, published = router.accounting.snapshot, self.published
+        snapshots = [snapshot(replica_id, published.get(replica_id)) for replica_id in self.by_id]
         tiers = router.policy.choose(view, snapshots, now=t, rng=router.rng)
         replica_id = tiers[0][0] if tiers and tiers[0] else self.replicas[0].replica_id
         prompt_tokens = router.uncached_prompt(view, replica_id)

@@ -16,14 +16,24 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from typing import Any
 
 from router.types import ReplicaSnapshot
 
 _INT_FIELDS = ("num_running", "num_waiting", "num_waiting_prompt_tokens", "num_free_blocks", "num_total_blocks",
                "block_size", "num_preemptions")
 _FLOAT_FIELDS = ("num_decode_tokens_remaining", "decode_cost_ratio", "stats_time")
+# The published fields in ReplicaSnapshot's order, so that a snapshot is built positionally (several times
+# cheaper than by keyword, and a router builds one per replica per request).
+_PUBLISHED = tuple(f.name for f in fields(ReplicaSnapshot) if f.name in _INT_FIELDS or f.name in _FLOAT_FIELDS)
+_CHECKS = tuple((key, _PUBLISHED.index(key), key in _INT_FIELDS) for key in _INT_FIELDS + _FLOAT_FIELDS)
+_STATS_TIME, _BLOCK_SIZE, _RATIO, _DECODE = map(_PUBLISHED.index, (
+    "stats_time", "block_size", "decode_cost_ratio", "num_decode_tokens_remaining"))
+_LOCAL = ("stats_known", "local_outstanding", "delta_requests", "delta_prompt_tokens", "delta_decode_tokens")
+if [f.name for f in fields(ReplicaSnapshot)] != ["replica_id", *_PUBLISHED, *_LOCAL]:
+    raise TypeError("RouterAccounting.snapshot builds ReplicaSnapshot positionally: update it with the fields")
 
 
 @dataclass(slots=True)
@@ -36,42 +46,62 @@ class _Routed:
 
 def parse_stats(stats: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """Validated published fields, or None when the stats cannot be trusted."""
-    if not isinstance(stats, Mapping):
+    values = _published_values(stats)
+    return None if values is None else {key: values[position] for key, position, _ in _CHECKS}
+
+
+def _published_values(stats: Mapping[str, Any] | None) -> tuple | None:
+    """``parse_stats`` as a tuple in ``_PUBLISHED`` order.
+
+    Checks: every field present, a real number (not bool), finite; the int fields >= 0 (and converted to int),
+    block_size >= 1, decode_cost_ratio and num_decode_tokens_remaining >= 0.
+    """
+    if type(stats) is not dict and not isinstance(stats, Mapping):  # (the exact type first: the ABC check is slow)
         return None
-    out: dict[str, Any] = {}
+    out: list[Any] = [None] * len(_PUBLISHED)
+    isfinite = math.isfinite
     try:
-        for key in _INT_FIELDS:
+        for key, position, is_int in _CHECKS:
             value = stats[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            kind = type(value)
+            if kind is not int and kind is not float:  # the common case skips the isinstance checks
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    return None
+            if not isfinite(value):
                 return None
-            out[key] = int(value)
-        for key in _FLOAT_FIELDS:
-            value = stats[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                return None
-            out[key] = float(value)
+            if is_int:
+                if value < 0:
+                    return None
+                out[position] = value if kind is int else int(value)
+            else:
+                out[position] = value if kind is float else float(value)
     except KeyError:
         return None
-    if out["block_size"] < 1 or out["decode_cost_ratio"] < 0 or out["num_decode_tokens_remaining"] < 0:
+    if out[_BLOCK_SIZE] < 1 or out[_RATIO] < 0 or out[_DECODE] < 0:
         return None
-    return out
+    return tuple(out)
 
 
 class RouterAccounting:
     def __init__(self) -> None:
         self._routed: dict[str, deque[_Routed]] = {}  # replica -> this router's unfinished requests, by time
         self._where: dict[str, str] = {}  # request id -> replica id
-        self._parsed: dict[str, tuple[object, dict | None]] = {}  # replica -> (last stats object, parsed)
+        self._parsed: dict[str, tuple[object, tuple | None]] = {}  # replica -> (last stats object, parsed)
+        # replica -> (the stats object it was built from, its last snapshot); dropped when the replica's
+        # queue changes, so a hit is exact. Between refreshes most replicas see no change between requests.
+        self._last: dict[str, tuple[object, ReplicaSnapshot]] = {}
 
     def on_routed(self, request_id: str, replica_id: str, *, now: float, prompt_tokens: int, decode_tokens: float) -> None:
         self._routed.setdefault(replica_id, deque()).append(_Routed(request_id, now, prompt_tokens, decode_tokens))
         self._where[request_id] = replica_id
+        self._last.pop(replica_id, None)
 
     def on_finished(self, request_id: str) -> str | None:
         """Forget a finished request; returns the replica it was on (None if unknown)."""
         replica_id = self._where.pop(request_id, None)
         if replica_id is None:
             return None
+        self._last.pop(replica_id, None)
         queue = self._routed.get(replica_id)
         if queue:
             if queue[0].request_id == request_id:
@@ -87,6 +117,7 @@ class RouterAccounting:
         """Drop a dead replica's accounting; returns the request ids that were in flight there."""
         queue = self._routed.pop(replica_id, deque())
         self._parsed.pop(replica_id, None)
+        self._last.pop(replica_id, None)
         for item in queue:
             self._where.pop(item.request_id, None)
         return [item.request_id for item in queue]
@@ -95,17 +126,25 @@ class RouterAccounting:
         return len(self._routed.get(replica_id, ()))
 
     def snapshot(self, replica_id: str, stats: Mapping[str, Any] | None) -> ReplicaSnapshot:
+        last = self._last.get(replica_id)
+        if last is not None and last[0] is stats:
+            return last[1]
+        snap = self._snapshot(replica_id, stats)
+        self._last[replica_id] = (stats, snap)
+        return snap
+
+    def _snapshot(self, replica_id: str, stats: Mapping[str, Any] | None) -> ReplicaSnapshot:
         queue = self._routed.get(replica_id, ())
         cached = self._parsed.get(replica_id)
         # Stats change every period while snapshots are taken per request: parse each published dict once.
         if cached is not None and cached[0] is stats:
-            parsed = cached[1]
+            published = cached[1]
         else:
-            parsed = parse_stats(stats)
-            self._parsed[replica_id] = (stats, parsed)
-        if parsed is None:
+            published = _published_values(stats)
+            self._parsed[replica_id] = (stats, published)
+        if published is None:
             return ReplicaSnapshot(replica_id=replica_id, stats_known=False, local_outstanding=len(queue))
-        since = parsed["stats_time"]
+        since = published[_STATS_TIME]
         n = prompt = 0
         decode = 0.0
         # Newest first: stop at the first request the stats already include.
@@ -115,7 +154,4 @@ class RouterAccounting:
             n += 1
             prompt += item.prompt_tokens
             decode += item.decode_tokens
-        return ReplicaSnapshot(
-            replica_id=replica_id, local_outstanding=len(queue), delta_requests=n,
-            delta_prompt_tokens=prompt, delta_decode_tokens=decode, **parsed,
-        )
+        return ReplicaSnapshot(replica_id, *published, True, len(queue), n, prompt, decode)

@@ -30,7 +30,7 @@ from __future__ import annotations
 class OutputLengthEstimator:
     """Online mean of output lengths, seeded with a prior; updated only by ``observe``."""
 
-    __slots__ = ("prior_mean", "prior_weight", "_sum", "_count")
+    __slots__ = ("prior_mean", "prior_weight", "_sum", "_count", "_mean")
 
     def __init__(self, prior_mean: float = 256.0, prior_weight: float = 8.0) -> None:
         if not prior_mean > 0:
@@ -41,6 +41,7 @@ class OutputLengthEstimator:
         self.prior_weight = float(prior_weight)
         self._sum = 0.0
         self._count = 0
+        self._mean = self._compute_mean()  # read far more often than it changes
 
     @property
     def count(self) -> int:
@@ -50,6 +51,9 @@ class OutputLengthEstimator:
     @property
     def mean(self) -> float:
         """Current estimate of a request's output length, in tokens."""
+        return self._mean
+
+    def _compute_mean(self) -> float:
         weight = self.prior_weight + self._count
         if weight == 0:  # no prior and no observation yet
             return self.prior_mean
@@ -59,10 +63,12 @@ class OutputLengthEstimator:
         """Feed one finished request's output length (negative values are clamped to 0)."""
         self._sum += max(num_output_tokens, 0)
         self._count += 1
+        self._mean = self._compute_mean()
 
     def expected_remaining(self, max_tokens: int, generated: int = 0) -> float:
         """Expected decode tokens still to come for a request (see the module docstring)."""
         if generated >= max_tokens:
             return 0.0
-        remaining = min(self.mean, max_tokens) - generated
+        mean = self._mean
+        remaining = (max_tokens if max_tokens < mean else mean) - generated  # min(mean, max_tokens), inlined
         return remaining if remaining >= 1.0 else 1.0

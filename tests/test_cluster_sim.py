@@ -127,6 +127,23 @@ def test_untrusted_stats_are_unknown_not_errors(stats):
     assert snap.stats_known is False
 
 
+def test_snapshots_are_reused_until_their_inputs_change():
+    stats = {"num_running": 1, "num_waiting": 0, "num_waiting_prompt_tokens": 0, "num_decode_tokens_remaining": 9.0,
+             "num_free_blocks": 50, "num_total_blocks": 64, "block_size": 16, "decode_cost_ratio": 1.0,
+             "num_preemptions": 0, "stats_time": 1.0}
+    acc = RouterAccounting()
+    first = acc.snapshot("r0", stats)
+    assert acc.snapshot("r0", stats) is first  # nothing changed
+    acc.on_routed("q1", "r0", now=2.0, prompt_tokens=10, decode_tokens=5.0)
+    routed = acc.snapshot("r0", stats)
+    assert (routed.local_outstanding, routed.delta_requests, routed.delta_prompt_tokens) == (1, 1, 10)
+    acc.on_finished("q1")
+    assert acc.snapshot("r0", stats) == first
+    fresh = acc.snapshot("r0", dict(stats, stats_time=3.0))  # a new refresh
+    assert fresh.stats_time == 3.0 and fresh is not first
+    assert acc.snapshot("r1", stats).replica_id == "r1"
+
+
 def test_cli_simulate_writes_json(tmp_path, capsys):
     out = tmp_path / "s.json"
     rc = cli_main(["simulate", "--trace", "azure_conv", "--limit", "150", "--replicas", "2", "--router", "pow2",

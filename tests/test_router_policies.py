@@ -567,3 +567,18 @@ def test_output_length_estimator_without_prior_weight():
 def test_output_length_estimator_rejects_bad_prior(mean, weight):
     with pytest.raises(ValueError):
         OutputLengthEstimator(mean, weight)
+
+
+def test_snapshot_and_view_build_like_their_dataclass_and_stay_frozen():
+    import dataclasses
+
+    by_keyword = ReplicaSnapshot(replica_id="a", num_free_blocks=3, delta_decode_tokens=2.5)
+    by_position = ReplicaSnapshot("a", 0, 0, 0, 0.0, 3, 0, 16, 1.0, 0, 0.0, True, 0, 0, 0, 2.5)
+    assert by_keyword == by_position and hash(by_keyword) == hash(by_position)
+    assert dataclasses.replace(by_keyword, num_running=2).num_running == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        by_keyword.num_running = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        ReplicaSnapshot()  # type: ignore[call-arg]
+    view = RequestView("r", 10, 5)
+    assert (view.arrival_time, view.prefix_hashes, view.prefix_block_size) == (0.0, (), 512)

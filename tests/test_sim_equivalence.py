@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from replicas.engine.policies import make_engine_policy
-from replicas.engine.request import Request
+from replicas.engine.request import Request, RequestStatus
 from replicas.engine.scheduler import Scheduler, SchedulerConfig
 from replicas.sim.latency import LatencyModel
 from replicas.sim.virtual import SimReplica
@@ -242,3 +242,93 @@ def test_sim_continues_after_a_preempt_only_step(jump):
     replica.run_until_idle()
     assert a.finish_time is not None and b.finish_time is not None
     assert math.isfinite(replica.clock)
+
+
+# ---- stats refreshes split a pending run instead of applying it -----------------------------------------
+
+
+def _replicas_with_refreshes(policy: str, load: str, split: bool):
+    """Replay a stream with a stats refresh every 20 ms: ``split`` is the replica's own ``stats`` (the pending
+    run is split), else the reference: ``materialize`` then ``engine_stats`` on the scheduler."""
+    from replicas.engine.stats import engine_stats
+    from router.estimate import OutputLengthEstimator
+
+    num_blocks, rate, n = LOADS[load]
+    specs = request_stream(5, n // 3, rate)
+    sched = Scheduler(
+        SchedulerConfig(num_blocks=num_blocks, block_size=16, max_num_batched_tokens=2048, max_num_seqs=64),
+        make_engine_policy(policy),
+    )
+    replica, estimator = SimReplica("r0", sched, LATENCY), OutputLengthEstimator(prior_mean=120.0)
+    published, reqs, tick = [], [], 0.02
+    for s in specs:
+        while tick <= s.arrival:
+            replica.advance_to(tick)
+            if split:
+                published.append(replica.stats(tick, estimator))
+            else:
+                replica.materialize(tick)
+                published.append(engine_stats(sched, estimator, now=tick, latency=LATENCY))
+            tick += 0.02
+        replica.advance_to(s.arrival)
+        reqs.append(to_request(s))
+        replica.add_request(reqs[-1], s.arrival)
+    replica.run_until_idle()
+    results = {r.request_id: (r.first_token_time, r.finish_time, r.num_preemptions, r.num_cached_tokens)
+               for r in reqs}
+    return published, results, (replica.clock, replica.busy_time, sched.num_steps, sched.pool.free_queue)
+
+
+@pytest.mark.parametrize("load", LOADS, ids=LOADS)
+@pytest.mark.parametrize("policy", POLICIES + ["larry"], ids=POLICIES + ["larry"])
+def test_stats_split_equals_applying_the_run(policy, load):
+    # Exact equality, floats included: the split does the clock arithmetic of applying the steps and
+    # planning the rest anew, so later results may not drift by even one ulp.
+    split = _replicas_with_refreshes(policy, load, split=True)
+    applied = _replicas_with_refreshes(policy, load, split=False)
+    assert split == applied
+
+
+# ---- a finished request's blocks: a run of unhashed blocks, placed as registering them would ------------
+
+
+class _RegisteringScheduler(Scheduler):
+    """The finish before ``BlockPool.free_finished``: private blocks hashed, registered, then freed."""
+
+    def _finish(self, request, now):
+        request.status = RequestStatus.FINISHED
+        request.finish_time = now
+        self._running.remove(request)
+        self._release(request)
+        del self.requests[request.request_id]
+
+
+def _step_all(cls: type, config: dict, specs) -> list:
+    sched = cls(
+        SchedulerConfig(num_blocks=config["num_blocks"], block_size=config["block_size"],
+                        max_num_batched_tokens=config["budget"], max_num_seqs=config["max_seqs"],
+                        max_model_len=config["max_len"], watermark=config["watermark"]),
+        make_engine_policy(config["policy"]),
+    )
+    pending = sorted(specs, key=lambda s: s[3])
+    reqs, trail = {}, []
+    while pending or sched.has_work():
+        while pending and pending[0][3] <= sched.num_steps:
+            rid, prompt, max_tokens, arrival, priority = pending.pop(0)
+            reqs[rid] = req(rid, prompt, max_tokens, float(arrival), priority=priority)
+            sched.add_request(reqs[rid])
+        sched.update_from_output(sched.schedule(float(sched.num_steps)), float(sched.num_steps))
+        sched.pool.check_invariants()
+        p = sched.pool
+        trail.append((p.free_queue, p.ref_cnt, p.num_evictions, dict(p.req_blocks),
+                      {rid: (r.num_computed_tokens, r.num_cached_tokens, r.num_preemptions, r.finish_time)
+                       for rid, r in reqs.items()}))
+        assert sched.num_steps < 20_000, "livelock"
+    return trail
+
+
+@settings(max_examples=60, deadline=None)
+@given(small_workloads())
+def test_finished_blocks_are_freed_as_registering_them_would(workload):
+    config, specs = workload
+    assert _step_all(Scheduler, config, specs) == _step_all(_RegisteringScheduler, config, specs)

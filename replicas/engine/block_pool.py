@@ -15,8 +15,28 @@
   free queue hands it out again (eviction).
 * ``free(request)`` releases blocks in reverse order, so a request's tail blocks are evicted first; blocks
   holding no cached content go to the head of the free queue, as in vLLM.
+* ``free_finished(request, num_tokens)`` is what a finished request's release means (its full blocks
+  registered, then ``free``), without hashing what nobody can look up again (below).
 
-The pool never knows about policies; invariants are checked by ``check_invariants`` (tests).
+How the free queue is stored (the pool's hot path is handing out and taking back hundreds of blocks per
+request, so it works on runs of blocks rather than one block at a time)::
+
+    head -> [ empty blocks (a stack) ][ LRU: block, block, Run[b b b b], block, Run[b b] ... ] <- tail
+
+* A block holding no content is always ahead of every block holding some: freeing puts the former at the
+  head and the latter at the tail, and a free block's content changes only when it is handed out. So the
+  empty blocks form a stack (``_empty``, top = queue head) in front of the LRU part.
+* The LRU part (``_lru``, an ordered dict) holds block ids with a registered hash, which a prefix
+  hit may pull out from the middle, and ``_Run``s: the private blocks of a finished request. Those blocks
+  would be registered under the request's salted private hashes (request.py), which only that request can
+  ever look up; once it is gone they are content nobody can find, so they are kept unhashed, as one
+  entry, in the place their registration would put them, and handing them out later counts as the
+  evictions it would be. (Exact as long as no two requests' salts, crc32 of their ids, collide: the
+  traces' ``t{i}`` ids do not.)
+
+Reference counts are kept for blocks that hold a hash, the only ones that can be shared; a block without a
+hash belongs to exactly one request, or is free. ``ref_cnt``, ``free_queue`` and ``check_invariants`` give
+the per-block view (tests).
 """
 
 from __future__ import annotations
@@ -31,6 +51,15 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+class _Run:
+    """Free blocks of a finished request, in queue order: content nobody can look up (module docstring)."""
+
+    __slots__ = ("blocks",)
+
+    def __init__(self, blocks: list[int]):
+        self.blocks = blocks
+
+
 class BlockPool:
     def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True):
         if num_blocks < 1 or block_size < 1:
@@ -38,11 +67,13 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.ref_cnt = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
-        # OrderedDict, not dict: popping a plain dict's first key is O(n) once keys were deleted.
-        # The first key is the LRU head. Values unused.
-        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._ref = [0] * num_blocks  # holders, for blocks holding a hash
+        self._empty: list[int] = list(range(num_blocks - 1, -1, -1))  # free, no content; top = queue head
+        # Free, with content; oldest first. OrderedDict, not dict: finding a plain dict's first key gets slow
+        # once many keys were deleted from its front.
+        self._lru: OrderedDict[int | _Run, None] = OrderedDict()
+        self._num_free = num_blocks
         self.cached: dict[int, int] = {}  # block hash -> the block a lookup returns
         # Further blocks holding the same content (a request computing its own copy, e.g. past the hit cap).
         # As in vLLM they stay findable: when the returned copy is evicted, another one takes its place.
@@ -54,11 +85,31 @@ class BlockPool:
     # ---- queries -------------------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_queue)
+        return self._num_free
 
     @property
     def usage(self) -> float:
-        return 1.0 - len(self.free_queue) / self.num_blocks
+        return 1.0 - self._num_free / self.num_blocks
+
+    @property
+    def free_queue(self) -> list[int]:
+        """The free blocks in eviction order, head first (a copy)."""
+        out = self._empty[::-1]
+        for entry in self._lru:
+            if isinstance(entry, _Run):
+                out.extend(entry.blocks)
+            else:
+                out.append(entry)
+        return out
+
+    @property
+    def ref_cnt(self) -> list[int]:
+        """Holders of every block (a copy, derived from the block tables)."""
+        counts = [0] * self.num_blocks
+        for blocks in self.req_blocks.values():
+            for blk in blocks:
+                counts[blk] += 1
+        return counts
 
     def num_blocks_of(self, request: Request) -> int:
         return len(self.req_blocks.get(request.request_id, ()))
@@ -68,7 +119,7 @@ class BlockPool:
 
         At most ``num_tokens - 1`` tokens may hit: the last token must be computed to sample from it.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not request.block_hashes:
             return []
         max_blocks = (request.num_tokens - 1) // self.block_size
         hits = []
@@ -82,10 +133,22 @@ class BlockPool:
 
     def blocks_needed(self, request: Request, num_tokens: int, hit_blocks: Sequence[int] = ()) -> int:
         """Free blocks consumed if the request is to hold slots for ``num_tokens`` tokens."""
+        return self.blocks_needed_each(request, (num_tokens,), hit_blocks)[0]
+
+    def blocks_needed_each(self, request: Request, token_counts: Sequence[int],
+                           hit_blocks: Sequence[int] = ()) -> list[int]:
+        """``blocks_needed`` for each of several token counts (an admission asks three at once)."""
         have = len(self.req_blocks.get(request.request_id, ())) + len(hit_blocks)
-        new = max(cdiv(num_tokens, self.block_size) - have, 0)
-        ref = self.ref_cnt
-        return new + sum(1 for b in hit_blocks if ref[b] == 0)
+        evictable = 0
+        if hit_blocks:
+            ref = self._ref
+            evictable = sum(1 for b in hit_blocks if ref[b] == 0)
+        bs = self.block_size
+        out = []
+        for num_tokens in token_counts:
+            new = -(-num_tokens // bs) - have  # cdiv
+            out.append((new if new > 0 else 0) + evictable)
+        return out
 
     # ---- mutation ------------------------------------------------------------------------------------
     def allocate(
@@ -108,36 +171,67 @@ class BlockPool:
             # Fast path (most decode steps): the request's last block still has room.
             held = self.req_blocks.get(request.request_id)
             if held is not None and total <= len(held) * bs:
-                if reserve > len(self.free_queue):
+                if reserve > self._num_free:
                     return None
-                self._register_full_blocks(request, min(total, request.num_tokens))
+                if request.block_hashes:  # else there is nothing to register
+                    self._register_full_blocks(request, min(total, request.num_tokens))
                 return 0
         needed = self.blocks_needed(request, total, hit_blocks)
-        if needed + reserve > len(self.free_queue):
+        if needed + reserve > self._num_free:
             return None
         blocks = self.req_blocks.setdefault(request.request_id, [])
         if hit_blocks:
             # Hits only happen at admission, on a request holding no blocks; they are registered already.
             self._touch(hit_blocks, blocks)
             self.req_num_hashed[request.request_id] = len(hit_blocks)
-        self._take(blocks, cdiv(total, bs) - len(blocks))
-        self._register_full_blocks(request, min(total, request.num_tokens))
+        blocks += self.take(cdiv(total, bs) - len(blocks))
+        if request.block_hashes:  # else there is nothing to register
+            self._register_full_blocks(request, min(total, request.num_tokens))
         return needed
 
     def take_free_block(self, request: Request) -> None:
         """Append one block from the free queue to the request (the caller has checked it is there)."""
-        self._take(self.req_blocks[request.request_id], 1)
+        self.req_blocks[request.request_id] += self.take(1)
 
-    def _take(self, blocks: list[int], n: int) -> None:
-        """Move ``n`` blocks from the free queue's head to ``blocks`` (the hot loop of prompt allocation)."""
-        popitem, block_hash, ref = self.free_queue.popitem, self.block_hash, self.ref_cnt
-        append = blocks.append
-        for _ in range(n):
-            blk = popitem(False)[0]
-            if block_hash[blk] is not None:
-                self._evict(blk)
-            ref[blk] = 1
-            append(blk)
+    def take(self, n: int) -> list[int]:
+        """Remove ``n`` blocks from the free queue's head (the caller has checked they are there); their
+        cached content, if any, is evicted. Returned in queue order; the caller hands them to requests."""
+        if n <= 0:
+            return []
+        self._num_free -= n
+        empty = self._empty
+        if n <= len(empty):  # the common case: blocks that never held anything, or held nothing cached
+            out = empty[-n:]
+            del empty[-n:]
+            out.reverse()
+            return out
+        out = empty[::-1]
+        empty.clear()
+        self._take_lru(out, n - len(out))
+        return out
+
+    def _take_lru(self, out: list[int], n: int) -> None:
+        """Move ``n`` blocks from the LRU part's head to ``out``, evicting what they hold."""
+        lru = self._lru
+        while n > 0:
+            entry = next(iter(lru))
+            if isinstance(entry, _Run):
+                blocks = entry.blocks
+                if len(blocks) <= n:
+                    del lru[entry]
+                    out += blocks
+                    n -= len(blocks)
+                    self.num_evictions += len(blocks)
+                else:  # take the run's first n blocks; the rest keeps its place at the head
+                    out += blocks[:n]
+                    del blocks[:n]
+                    self.num_evictions += n
+                    return
+            else:
+                del lru[entry]
+                self._evict(entry)
+                out.append(entry)
+                n -= 1
 
     def cache_blocks(self, request: Request, num_tokens: int) -> None:
         """Register the request's full blocks among its first ``num_tokens`` tokens under their hashes."""
@@ -152,27 +246,62 @@ class BlockPool:
         """
         blocks = self.req_blocks.pop(request.request_id, None)
         self.req_num_hashed.pop(request.request_id, None)
-        if not blocks:
+        if blocks:
+            self._release(blocks)
+
+    def free_finished(self, request: Request, num_tokens: int) -> None:
+        """Release a request that is gone for good, as registering its full blocks among its first
+        ``num_tokens`` tokens and then ``free`` would, without hashing its private blocks.
+
+        Its full blocks past the registered ones would be registered under private hashes only it could
+        look up; they go to the tail as one ``_Run`` (module docstring). Falls back to the per-block way
+        when the request has hashes not registered yet (they might be shareable).
+        """
+        rid = request.request_id
+        blocks = self.req_blocks.get(rid)
+        num_hashed = self.req_num_hashed.get(rid, 0)
+        full = min(num_tokens // self.block_size, len(blocks)) if blocks else 0
+        if not self.enable_prefix_caching or len(request.block_hashes) > num_hashed or full <= num_hashed:
+            request.extend_block_hashes(self.block_size, num_tokens)
+            self.cache_blocks(request, num_tokens)
+            self.free(request)
             return
-        ref, free_queue, block_hash = self.ref_cnt, self.free_queue, self.block_hash
+        del self.req_blocks[rid]
+        self.req_num_hashed.pop(rid, None)
+        # Tail first, as free() walks: the partial last block (no content) to the head, the private full
+        # blocks to the tail as one run, then the registered ones.
+        self._empty += blocks[full:]
+        self._num_free += len(blocks) - full
+        run = blocks[num_hashed:full]
+        run.reverse()
+        self._lru[_Run(run)] = None
+        self._num_free += len(run)
+        if num_hashed:
+            self._release(blocks[:num_hashed])
+
+    def _release(self, blocks: list[int]) -> None:
+        ref, lru, block_hash = self._ref, self._lru, self.block_hash
         evict_first = []
         for blk in reversed(blocks):
+            if block_hash[blk] is None:
+                evict_first.append(blk)
+                continue
             ref[blk] -= 1
             if ref[blk] == 0:
-                if block_hash[blk] is None:
-                    evict_first.append(blk)
-                else:
-                    free_queue[blk] = None
-        for blk in reversed(evict_first):
-            free_queue[blk] = None
-            free_queue.move_to_end(blk, last=False)
+                lru[blk] = None
+                self._num_free += 1
+        # vLLM prepends them one by one in block order: the last one ends up at the head.
+        evict_first.reverse()
+        self._empty += evict_first
+        self._num_free += len(evict_first)
 
     # ---- internals -----------------------------------------------------------------------------------
     def _touch(self, hit_blocks: Sequence[int], blocks: list[int]) -> None:
-        ref, free_queue = self.ref_cnt, self.free_queue
+        ref, lru = self._ref, self._lru
         for blk in hit_blocks:
             if ref[blk] == 0:
-                del free_queue[blk]
+                del lru[blk]
+                self._num_free -= 1
             ref[blk] += 1
             blocks.append(blk)
 
@@ -204,12 +333,14 @@ class BlockPool:
         if end <= start:
             return
         blocks, hashes, cached, block_hash = self.req_blocks[rid], request.block_hashes, self.cached, self.block_hash
+        ref = self._ref
         for j in range(start, end):
             h = hashes[j]
             blk = blocks[j]
             # A block reached through a hit is registered already.
             if block_hash[blk] is None:
                 block_hash[blk] = h
+                ref[blk] = 1  # from now on it can be shared: count its holders
                 if h in cached:
                     self.duplicates.setdefault(h, []).append(blk)
                 else:
@@ -224,10 +355,24 @@ class BlockPool:
             assert len(set(blocks)) == len(blocks), "a request holds a block twice"
             for blk in blocks:
                 owned[blk] = owned.get(blk, 0) + 1
-        for blk in range(self.num_blocks):
-            assert self.ref_cnt[blk] == owned.get(blk, 0), f"block {blk}: ref_cnt {self.ref_cnt[blk]}"
-            assert (blk in self.free_queue) == (self.ref_cnt[blk] == 0), f"block {blk}: free state"
-        assert len(self.free_queue) + len(owned) == self.num_blocks, "blocks not conserved"
+        queue = self.free_queue
+        free = set(queue)
+        assert len(free) == len(queue), "a block is in the free queue twice"
+        assert len(queue) == self._num_free, "free count out of date"
+        assert not free & owned.keys(), "a held block is in the free queue"
+        assert len(free) + len(owned) == self.num_blocks, "blocks not conserved"
+        for blk in self._empty:
+            assert self.block_hash[blk] is None, f"block {blk} holds a hash among the empty ones"
+        for entry in self._lru:
+            if isinstance(entry, _Run):
+                assert entry.blocks and all(self.block_hash[b] is None for b in entry.blocks), "bad run"
+            else:
+                assert self.block_hash[entry] is not None, f"block {entry}: unhashed in the LRU part"
+        for blk, h in enumerate(self.block_hash):
+            if h is not None:
+                assert self._ref[blk] == owned.get(blk, 0), f"block {blk}: ref_cnt {self._ref[blk]}"
+            else:
+                assert owned.get(blk, 0) <= 1, f"unhashed block {blk} is shared"
         for h, blk in self.cached.items():
             assert self.block_hash[blk] == h, f"cached hash {h} points at block {blk} with another hash"
         for h, copies in self.duplicates.items():

@@ -151,9 +151,9 @@ class Scheduler:
     def schedule(self, now: float | None = None) -> SchedulerOutput:
         if now is not None:
             self.now = now
-        out = SchedulerOutput()
+        out = SchedulerOutput({}, {}, [], [])  # (positional: the generated default factories cost more)
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
-        if not out.preempted:
+        if not out.preempted and self.waiting:
             self._schedule_waiting(out, budget)
         self.num_steps += 1
         return out
@@ -166,11 +166,28 @@ class Scheduler:
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         running, pool, scheduled = self._running, self.pool, out.num_scheduled_tokens
+        threshold = self.config.long_prefill_token_threshold
+        req_blocks, bs = pool.req_blocks, self.block_size
         i = 0
         while i < len(running) and budget > 0:
             request = running[i]
-            num_new = self._chunk(request.num_tokens - request.num_computed_tokens, budget)
+            # _chunk, inlined: this loop runs for every running request in every step.
+            num_new = request.num_prompt_tokens + request.num_output_tokens - request.num_computed_tokens
+            if 0 < threshold < num_new:
+                num_new = threshold
+            if num_new > budget:
+                num_new = budget
             if num_new <= 0:
+                i += 1
+                continue
+            # BlockPool.allocate's fast path, inlined (most decode steps): the last block has room and there
+            # is nothing to register.
+            held = req_blocks.get(request.request_id)
+            computed = request.num_computed_tokens
+            if held is not None and not request.block_hashes and computed + num_new <= len(held) * bs:
+                scheduled[request] = num_new
+                out.computed_before[request] = computed
+                budget -= num_new
                 i += 1
                 continue
             allocated = False
@@ -242,14 +259,9 @@ class Scheduler:
         num_hit = len(hits) * bs
         num_new = self._chunk(request.num_tokens - request.num_computed_tokens - num_hit, budget)
         computed = request.num_computed_tokens + num_hit
-        admission = Admission(
-            request=request,
-            num_hit_tokens=num_hit,
-            num_new_tokens=num_new,
-            blocks_now=pool.blocks_needed(request, computed + num_new, hits),
-            blocks_full=pool.blocks_needed(request, request.num_total_tokens_max, hits),
-            blocks_prompt=pool.blocks_needed(request, request.num_tokens, hits),
-        )
+        blocks_now, blocks_full, blocks_prompt = pool.blocks_needed_each(
+            request, (computed + num_new, request.num_total_tokens_max, request.num_tokens), hits)
+        admission = Admission(request, num_hit, num_new, blocks_now, blocks_full, blocks_prompt)
         if not self.policy.can_admit(admission, self):
             return False
         # vLLM applies the watermark only when other requests are scheduled this step.
@@ -276,6 +288,9 @@ class Scheduler:
             return
         waiting = self.waiting
         # Fast path: FCFS admits from the front.
+        if len(admitted) == 1 and waiting[0] is admitted[0]:
+            waiting.popleft()
+            return
         k = len(admitted)
         if k <= len(waiting) and all(waiting[j] is admitted[j] for j in range(k)):
             for _ in range(k):
@@ -289,11 +304,12 @@ class Scheduler:
         """Advance computed tokens, sample one token where computation caught up; return finished requests."""
         self.now = now
         finished = []
+        running = RequestStatus.RUNNING
         for request, num in out.num_scheduled_tokens.items():
-            if request.status != RequestStatus.RUNNING:
+            if request.status != running:
                 continue  # aborted during the step
             request.num_computed_tokens += num
-            if request.num_computed_tokens < request.num_tokens:
+            if request.num_computed_tokens < request.num_prompt_tokens + request.num_output_tokens:
                 continue  # partial prefill chunk: nothing sampled
             request.num_output_tokens += 1
             if request.first_token_time is None:
@@ -308,13 +324,16 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_time = now
         self._running.remove(request)
-        self._release(request)
+        # As _release, minus hashing the private blocks nobody can look up once the request is gone.
+        self.pool.free_finished(request, request.num_computed_tokens)
         del self.requests[request.request_id]
 
     def policy_order_stable_until(self) -> float:
         """Time until which the policy's waiting order cannot change by itself (aging bounds)."""
+        if not self.waiting:
+            return math.inf
         hook = getattr(self.policy, "order_stable_until", None)
-        if hook is None or not self.waiting:
+        if hook is None:
             return math.inf
         return hook(self.waiting, self)
 
@@ -326,44 +345,47 @@ class Scheduler:
         would fail (a preemption step), or — for policies whose waiting order is not stable — a block is
         allocated (memory use changes the order).
         """
-        running = self._running
-        if out.preempted or out.admitted or len(out.num_scheduled_tokens) != len(running):
+        running, scheduled = self._running, out.num_scheduled_tokens
+        if out.preempted or out.admitted or len(scheduled) != len(running) or not running:
             return 1
         if out.waiting_blocked is False and self.waiting:
             return 1  # budget ran out before admission was tried; keep it simple
-        limit = None
+        limit = math.inf
         for request in running:
-            if out.num_scheduled_tokens.get(request) != 1 or request.num_output_tokens < 1:
+            generated = request.num_output_tokens
+            if scheduled.get(request) != 1 or generated < 1:
                 return 1
-            left = request.max_tokens - request.num_output_tokens
-            if request.stop_after_tokens is not None:
-                left = min(left, request.stop_after_tokens - request.num_output_tokens)
-            limit = left if limit is None else min(limit, left)
-        if not limit or limit <= 1:
+            left = request.max_tokens - generated
+            stop = request.stop_after_tokens
+            if stop is not None and stop - generated < left:
+                left = stop - generated
+            if left < limit:
+                limit = left
+        if limit <= 1:
             return 1
         return self._block_limit(limit)
 
     def _block_limit(self, limit: int) -> int:
         """Cap ``limit`` so every block allocation inside the run succeeds (and, if unstable, at the first)."""
         bs = self.block_size
-        pool = self.pool
-        free = pool.num_free_blocks
-        stable = self.policy.stable_order or not self.waiting
+        req_blocks = self.pool.req_blocks
         # Step i (0 = the step already scheduled) computes token index c + i and needs c + i + 1 slots.
-        crossings = []
+        firsts = []  # per request, the first step index needing a new block (then every bs steps)
+        num_crossings = 0
         for request in self._running:
-            c = request.num_computed_tokens  # before step 0
-            cap_slots = pool.num_blocks_of(request) * bs  # slots already held after step 0's allocation
-            first = cap_slots - c  # first step index needing a new block
+            # slots already held after step 0's allocation, minus computed tokens before step 0
+            first = len(req_blocks[request.request_id]) * bs - request.num_computed_tokens
             if first < limit:
-                crossings.extend(range(first, limit, bs))
-        if not crossings:
+                firsts.append(first)
+                num_crossings += (limit - 1 - first) // bs + 1  # len(range(first, limit, bs))
+        if not num_crossings:
             return limit
-        crossings.sort()
-        if not stable:
+        if self.waiting and not self.policy.stable_order:
             # Admission in a step runs after that step's allocations, so the order may already change there.
-            return min(limit, crossings[0])
-        if len(crossings) > free:
+            return min(limit, min(firsts))
+        free = self.pool.num_free_blocks
+        if num_crossings > free:
+            crossings = sorted(step for first in firsts for step in range(first, limit, bs))
             return min(limit, crossings[free]) or 1
         return limit
 
@@ -372,29 +394,61 @@ class Scheduler:
         if num_steps <= 1:
             return self.update_from_output(out, now)
         self._allocate_run(num_steps)
-        extra = num_steps - 1
         finished = []
         for request in self._running:
             request.num_computed_tokens += num_steps
-            request.num_output_tokens += num_steps
-            if request.wants_stop():
+            generated = request.num_output_tokens = request.num_output_tokens + num_steps
+            # Request.wants_stop, inlined (every request of every run)
+            stop = request.stop_after_tokens
+            if generated >= request.max_tokens or (stop is not None and generated >= stop):
                 finished.append(request)
-        self.num_steps += extra
+        self.num_steps += num_steps - 1
         self.now = now
         for request in finished:
             self._finish(request, now)
         return finished
 
+    def decode_run_blocks(self, num_steps: int) -> int:
+        """Blocks that steps 1..num_steps-1 of the decode run started by the last ``schedule`` take (the
+        pool's view after ``commit_decode_run(out, num_steps, ...)``, before it happens)."""
+        bs, req_blocks = self.block_size, self.pool.req_blocks
+        total = 0
+        for request in self._running:  # as _allocate_run, counting only
+            first = len(req_blocks[request.request_id]) * bs - request.num_computed_tokens
+            if first < num_steps:
+                total += (num_steps - 1 - first) // bs + 1
+        return total
+
     def _allocate_run(self, num_steps: int) -> None:
-        """Allocate blocks for steps 1..num_steps-1 in exactly the order stepping would (step, then queue)."""
-        bs, pool = self.block_size, self.pool
-        events = []
+        """Allocate blocks for steps 1..num_steps-1 in exactly the order stepping would (step, then queue).
+
+        Step i (0 = the step already scheduled, whose slots are allocated) computes token c + i of a request
+        with c computed tokens; its table holds exactly the blocks for c + 1 tokens, so it first runs out at a
+        step ``first`` in 1..block_size and then every block_size steps. The order is therefore round by
+        round, each round in (first, queue index) order. The blocks are taken from the free queue in one go
+        and dealt out in that order.
+        """
+        bs = self.block_size
+        req_blocks = self.pool.req_blocks
+        due = []  # (first, queue index, block table, blocks over the run)
+        total = 0
         for index, request in enumerate(self._running):
-            c = request.num_computed_tokens
-            first = pool.num_blocks_of(request) * bs - c
-            for step in range(max(first, 1), num_steps, bs):
-                events.append((step, index, request))
-        events.sort(key=lambda e: (e[0], e[1]))
-        take = pool.take_free_block
-        for _, _, request in events:
-            take(request)
+            blocks = req_blocks[request.request_id]
+            first = len(blocks) * bs - request.num_computed_tokens
+            if first < num_steps:
+                count = (num_steps - 1 - first) // bs + 1
+                due.append((first, index, blocks, count))
+                total += count
+        if not due:
+            return
+        due.sort()
+        taken = self.pool.take(total)
+        # Every first step lies within one block_size, so all of them take part in the first `rounds` rounds
+        # and a prefix of them (in order) in one more: request p gets taken[p], taken[p + n], ... then maybe
+        # taken[rounds * n + p].
+        n = len(due)
+        rounds = (num_steps - 1 - due[-1][0]) // bs + 1
+        for p, (_, _, blocks, count) in enumerate(due):
+            blocks += taken[p : rounds * n : n]
+            if count > rounds:
+                blocks.append(taken[rounds * n + p])

@@ -28,8 +28,13 @@ STATS_KEYS = (
 
 
 def engine_stats(
-    scheduler: Scheduler, estimator: OutputLengthEstimator, *, now: float, latency: Any = None
+    scheduler: Scheduler, estimator: OutputLengthEstimator, *, now: float, latency: Any = None,
+    pending_steps: int = 0, pending_blocks: int = 0,
 ) -> dict[str, Any]:
+    """The stats dict. ``pending_steps`` decode steps of every running request, taking ``pending_blocks``
+    blocks, that an executor has run but not yet applied to the scheduler count as applied (the virtual-time
+    replica's pending run; nothing may be waiting then)."""
+    assert not (pending_steps and scheduler.waiting), "pending decode steps with requests waiting"
     waiting_tokens = 0
     decode_left = 0.0
     context = 0
@@ -41,11 +46,11 @@ def engine_stats(
         waiting_tokens += r.num_tokens - r.num_computed_tokens - hits
         decode_left += remaining(r.max_tokens, r.num_output_tokens)
     for r in scheduler.running:
-        left = r.num_tokens - r.num_computed_tokens
+        left = r.num_tokens - r.num_computed_tokens  # a decode step adds to both
         if left > 1:
             waiting_tokens += left
-        decode_left += remaining(r.max_tokens, r.num_output_tokens)
-        context += r.num_computed_tokens
+        decode_left += remaining(r.max_tokens, r.num_output_tokens + pending_steps)
+        context += r.num_computed_tokens + pending_steps
     num_running = len(scheduler.running)
     ratio = 1.0
     if latency is not None:
@@ -56,7 +61,7 @@ def engine_stats(
         "num_waiting": len(scheduler.waiting),
         "num_waiting_prompt_tokens": waiting_tokens,
         "num_decode_tokens_remaining": decode_left,
-        "num_free_blocks": scheduler.num_free_blocks,
+        "num_free_blocks": scheduler.num_free_blocks - pending_blocks,
         "num_total_blocks": scheduler.num_total_blocks,
         "block_size": scheduler.block_size,
         "decode_cost_ratio": ratio,

@@ -158,10 +158,16 @@ def _series(a: float, b: float, lo: int, hi: int) -> float:
 
 
 def _prefix(j: int, split: int, a1: float, b1: float, a2: float, b2: float) -> float:
-    """Start time of step j: line (a1, b1) for steps < split, line (a2, b2) from split on."""
+    """Start time of step j: line (a1, b1) for steps < split, line (a2, b2) from split on.
+
+    ``_series(a1, b1, 0, j)``, or ``_series(a1, b1, 0, split) + _series(a2, b2, split, j)``, written out (the
+    same operations in the same order: a decode run asks this a dozen times).
+    """
     if j <= split:
-        return _series(a1, b1, 0, j)
-    return _series(a1, b1, 0, split) + _series(a2, b2, split, j)
+        return j * a1 + b1 * (j - 1) * j * 0.5 if j > 0 else 0.0
+    first = split * a1 + b1 * (split - 1) * split * 0.5 if split > 0 else 0.0
+    m = j - split
+    return first + (m * a2 + b2 * (split + j - 1) * m * 0.5)
 
 
 def _first_reaching(deadline: float, j0: int, s0: float, a: float, b: float) -> int:
@@ -173,6 +179,28 @@ def _first_reaching(deadline: float, j0: int, s0: float, a: float, b: float) -> 
     rest = deadline - s0
     p = a + b * j0 - 0.5 * b
     return j0 + math.ceil(2.0 * rest / (p + math.sqrt(p * p + 2.0 * b * rest)))
+
+
+class DecodeRunTimes:
+    """Start times, from the run's start, of the steps of one decode run: ``LatencyModel.decode_run``'s lines."""
+
+    __slots__ = ("steps", "split", "a1", "b1", "a2", "b2", "last_start")
+
+    def __init__(self, steps: int, split: int, a1: float, b1: float, a2: float, b2: float):
+        self.steps, self.split, self.a1, self.b1, self.a2, self.b2 = steps, split, a1, b1, a2, b2
+        self.last_start = _prefix(steps - 1, split, a1, b1, a2, b2)  # asked of every run, often repeatedly
+
+    def start(self, j: int) -> float:
+        """Start of step j (0 <= j <= steps; ``start(steps)`` is the run's duration)."""
+        return _prefix(j, self.split, self.a1, self.b1, self.a2, self.b2)
+
+    def cut(self, deadline: float) -> tuple[int, float]:
+        """(k, start(k)): how many steps start before ``deadline`` (> 0; at least 1, since step 0 starts at
+        0), and how long they take."""
+        k = self.steps
+        if deadline != math.inf and self.last_start >= deadline:
+            return LatencyModel._deadline_steps(deadline, self.split, self.a1, self.b1, self.a2, self.b2, k - 1)
+        return k, self.start(k)
 
 
 class LatencyModel:
@@ -265,17 +293,15 @@ class LatencyModel:
             return 0, 0.0
         if num_seqs <= 0:  # every step is empty and takes 0 s, so all of them start at t=0
             return max_steps, 0.0
-        split, a1, b1, a2, b2 = self._decode_lines(num_seqs, context_tokens, max_steps)
-        k = max_steps
-        if deadline != math.inf and _prefix(k - 1, split, a1, b1, a2, b2) >= deadline:
-            k = self._deadline_steps(deadline, split, a1, b1, a2, b2, k - 1)
-        return k, _prefix(k, split, a1, b1, a2, b2)
+        return self.decode_run_times(num_seqs, context_tokens, max_steps).cut(deadline)
 
-    def _decode_lines(self, batch: int, context: int, num_steps: int) -> tuple[int, float, float, float, float]:
-        """Step i of a decode run costs a1 + b1*i for i < split and a2 + b2*i after (overheads included).
+    def decode_run_times(self, batch: int, context: int, num_steps: int) -> DecodeRunTimes:
+        """The step start times of a decode run (batch >= 1 sequences holding ``context`` computed tokens,
+        num_steps >= 1), for callers that ask ``decode_run``'s questions of one run again and again.
 
-        compute(i) = ac + bc*i and memory(i) = am + bm*i; whichever is larger at i=0 holds until the
-        lines cross, at i > (gap at 0) / (difference of slopes), if the other line is steeper.
+        Step i costs a1 + b1*i for i < split and a2 + b2*i after (overheads included): compute(i) = ac + bc*i
+        and memory(i) = am + bm*i; whichever is larger at i=0 holds until the lines cross, at i > (gap at 0)
+        / (difference of slopes), if the other line is steeper.
         """
         first_kv = context + batch
         ac = self._s_token * batch + self._s_pair * first_kv + self._s_fixed
@@ -284,24 +310,30 @@ class LatencyModel:
         bm = self._s_kv * batch
         (a1, b1), (a2, b2) = ((ac, bc), (am, bm)) if ac > am else ((am, bm), (ac, bc))
         if b2 <= b1:
-            return num_steps, a1, b1, a2, b2
+            return DecodeRunTimes(num_steps, num_steps, a1, b1, a2, b2)
         cross = (a1 - a2) / (b2 - b1)  # line 2 is larger for i > cross
         split = num_steps if cross >= num_steps else math.floor(cross) + 1
-        return split, a1, b1, a2, b2
+        return DecodeRunTimes(num_steps, split, a1, b1, a2, b2)
 
     @staticmethod
-    def _deadline_steps(deadline: float, split: int, a1: float, b1: float, a2: float, b2: float, last: int) -> int:
-        """Smallest j in [1, last] whose start time is >= deadline (given that start(last) >= deadline)."""
-        if split < last and _prefix(split, split, a1, b1, a2, b2) < deadline:
-            j = _first_reaching(deadline, split, _prefix(split, split, a1, b1, a2, b2), a2, b2)
+    def _deadline_steps(
+        deadline: float, split: int, a1: float, b1: float, a2: float, b2: float, last: int
+    ) -> tuple[int, float]:
+        """Smallest j in [1, last] whose start time is >= deadline (given that start(last) >= deadline),
+        and that start time."""
+        at_split = _prefix(split, split, a1, b1, a2, b2) if split < last else deadline
+        if at_split < deadline:
+            j = _first_reaching(deadline, split, at_split, a2, b2)
         else:
             j = _first_reaching(deadline, 0, 0.0, a1, b1)
         j = min(max(j, 1), last)
         while j > 1 and _prefix(j - 1, split, a1, b1, a2, b2) >= deadline:  # rounding fix-ups: +-1 step
             j -= 1
-        while _prefix(j, split, a1, b1, a2, b2) < deadline:
+        while True:
+            start = _prefix(j, split, a1, b1, a2, b2)
+            if start >= deadline:
+                return j, start
             j += 1
-        return j
 
     def decode_cost_ratio(self, batch_size: int, mean_context: float) -> float:
         """(decode step at batch B, context c per sequence) / B, over the per-token time of a 1024-token prefill.

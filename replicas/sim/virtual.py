@@ -8,15 +8,23 @@ Runs of identical pure-decode steps are applied in one go (``jump=True``): the s
 are certain to repeat (no finish, no failed allocation, no admission change), the latency model sums their
 durations in closed form and stops at the deadline. ``jump=False`` steps one token at a time; both give the
 same per-request results (tests/test_sim_equivalence.py).
+
+A pending run is applied when it ends or when the engine's state must be current (an arrival). A stats
+refresh (``stats``) does not apply it: it reports the steps started so far as if they were applied and
+splits the run there, exactly as applying them and planning the rest as a new run would (same clock
+arithmetic; the rest is what the scheduler would plan, as nothing waits). That is the common case:
+refreshes come more often than arrivals.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from replicas.engine.request import Request
 from replicas.engine.scheduler import Scheduler, SchedulerOutput
-from replicas.sim.latency import LatencyModel
+from replicas.engine.stats import engine_stats
+from replicas.sim.latency import DecodeRunTimes, LatencyModel
 
 
 def step_cost(out: SchedulerOutput) -> tuple[int, int, int]:
@@ -31,18 +39,66 @@ def step_cost(out: SchedulerOutput) -> tuple[int, int, int]:
     return num_tokens, attn_pairs, kv_read
 
 
+class _PendingRun:
+    """Decode steps planned but not yet applied to the engine.
+
+    ``out`` is the run's first step; ``done`` steps of it were split off by refreshes (the clock moved past
+    them, the engine did not); the current part has ``steps`` more, starting at the replica's clock.
+    """
+
+    __slots__ = ("out", "num_seqs", "context", "done", "steps", "times", "last_start")
+
+    def __init__(self, out: SchedulerOutput, steps: int, latency: LatencyModel):
+        self.out = out
+        self.num_seqs = len(out.num_scheduled_tokens)
+        self.context = sum(out.computed_before.values())  # computed tokens before the first step
+        self.done = 0
+        self._time(steps, latency)
+
+    def _time(self, steps: int, latency: LatencyModel) -> None:
+        self.steps = steps
+        context = self.context + self.num_seqs * self.done
+        if steps > 1:
+            self.times: DecodeRunTimes | float = latency.decode_run_times(self.num_seqs, context, steps)
+            self.last_start = self.times.last_start
+        else:
+            # Planned afresh, one step is no run: the replica times it with step_time (step_cost of one
+            # decode token per sequence: pairs = kv = context + num_seqs).
+            after = context + self.num_seqs
+            self.times = latency.step_time(self.num_seqs, after, after)
+            self.last_start = 0.0
+
+    def cut(self, deadline: float) -> tuple[int, float]:
+        """(k, duration of k steps): the steps of the current part that start before ``deadline`` (from the
+        part's start)."""
+        if deadline <= 0.0:
+            return 0, 0.0
+        times = self.times
+        return times.cut(deadline) if isinstance(times, DecodeRunTimes) else (1, times)
+
+    def duration(self) -> float:
+        """Duration of the whole current part."""
+        times = self.times
+        return times.start(self.steps) if isinstance(times, DecodeRunTimes) else times
+
+    def split(self, k: int, latency: LatencyModel) -> None:
+        """The first k (>= 1, < steps) steps of the current part are done; time the rest as a new run."""
+        self.done += k
+        self._time(self.steps - k, latency)
+
+
 class SimReplica:
     def __init__(self, replica_id: str, scheduler: Scheduler, latency: LatencyModel, *, jump: bool = True):
         self.replica_id = replica_id
         self.scheduler = scheduler
         self.latency = latency
         self.jump = jump
-        self.clock = 0.0  # when the engine may start its next step
+        self.clock = 0.0  # when the engine may start its next step (while a run is pending: its current part)
         self.busy_time = 0.0
-        # A planned run of identical decode steps, not yet applied: (first step's output, steps, start time).
-        # It stays pending across unrelated events and is applied at its natural end (a finish, a block
-        # event) or when someone needs the engine's state (``materialize``).
-        self._run: tuple[SchedulerOutput, int, float] | None = None
+        # A planned run of identical decode steps, not yet applied. It stays pending across unrelated
+        # events and is applied at its natural end (a finish, a block event) or when someone needs the
+        # engine's state (``materialize``).
+        self._run: _PendingRun | None = None
 
     def add_request(self, request: Request, now: float) -> list[Request]:
         """Queue a request arriving at ``now``; returns requests that finished while catching up to it."""
@@ -56,14 +112,21 @@ class SimReplica:
     def advance_to(self, t: float) -> list[Request]:
         """Run every step starting before ``t``; return the requests that finished.
 
-        A pending decode run that goes on past ``t`` is left pending (nothing can finish inside it).
+        A pending run that goes on past ``t`` is left pending (nothing can finish inside it).
         """
+        run = self._run
+        if run is not None and run.last_start >= t - self.clock:
+            return []  # the common case: most replicas are inside a run at most events
         finished: list[Request] = []
         sched = self.scheduler
         while True:
-            if self._run is not None:
-                if not self._finish_run(t, finished):
+            run = self._run
+            if run is not None:
+                # t - clock is the deadline from the current part's start; its last step starts at last_start.
+                if run.last_start >= t - self.clock:
                     return finished
+                self._run = None
+                finished.extend(self._commit(run.out, run.done + run.steps, run.duration()))
                 continue
             if not (self.clock < t and sched.has_work()):
                 return finished
@@ -78,12 +141,37 @@ class SimReplica:
     def materialize(self, t: float) -> list[Request]:
         """Apply the steps of a pending run that start before ``t``, so the engine's state is current."""
         finished = self.advance_to(t)
-        if self._run is not None:
-            out, steps, start = self._run
+        run = self._run
+        if run is not None:
             self._run = None
-            k, dt = self._run_time(out, steps, t - start)
-            finished.extend(self._commit(out, k, dt))
+            k, dt = run.cut(t - self.clock)
+            if run.done + k:
+                finished.extend(self._commit(run.out, run.done + k, dt))
         return finished
+
+    def stats(self, now: float, estimator: Any) -> dict[str, Any]:
+        """``engine_stats`` as of ``now``, for a replica advanced to ``now`` (``advance_to(now)``: nothing
+        left to finish before ``now``).
+
+        The same as ``materialize(now)`` and then ``engine_stats``, but a pending run is split, not applied
+        (module docstring). Splitting is exact only while nothing waits, which holds during any run that
+        began with an empty queue (arrivals apply the run first).
+        """
+        run = self._run
+        if run is not None and self.scheduler.waiting:
+            finished = self.materialize(now)
+            assert not finished, "only a run's last step finishes requests, and it starts at or after now"
+            run = None
+        if run is None:
+            return engine_stats(self.scheduler, estimator, now=now, latency=self.latency)
+        k, dt = run.cut(now - self.clock)
+        if k:  # < run.steps: advance_to(now) applied the run if all its steps start before now
+            self.clock += dt  # as _commit: the same additions, in the same order
+            self.busy_time += dt
+            run.split(k, self.latency)
+        blocks = self.scheduler.decode_run_blocks(run.done) if run.done else 0
+        return engine_stats(self.scheduler, estimator, now=now, latency=self.latency,
+                            pending_steps=run.done, pending_blocks=blocks)
 
     def run_until_idle(self) -> list[Request]:
         return self.advance_to(math.inf)
@@ -91,25 +179,15 @@ class SimReplica:
     def _plan(self, out: SchedulerOutput, finished: list[Request]) -> None:
         sched = self.scheduler
         steps = sched.decode_run_limit(out) if self.jump else 1
-        if steps > 1:
+        if steps > 1 and sched.waiting:
             # Time alone may change a policy's waiting order (aging bounds): end the run there.
             stable = sched.policy_order_stable_until()
             if stable < math.inf:
                 steps = self._run_time(out, steps, stable - self.clock)[0] or 1
         if steps > 1:
-            self._run = (out, steps, self.clock)
+            self._run = _PendingRun(out, steps, self.latency)
             return
         finished.extend(self._commit(out, 1, self.latency.step_time(*step_cost(out))))
-
-    def _finish_run(self, t: float, finished: list[Request]) -> bool:
-        """Apply the pending run if all its steps start before ``t``; False if it goes on past ``t``."""
-        out, steps, start = self._run
-        k, dt = self._run_time(out, steps, t - start)
-        if k < steps:
-            return False
-        self._run = None
-        finished.extend(self._commit(out, steps, dt))
-        return True
 
     def _run_time(self, out: SchedulerOutput, steps: int, deadline: float) -> tuple[int, float]:
         return self.latency.decode_run(len(out.num_scheduled_tokens), sum(out.computed_before.values()),
