@@ -3,13 +3,14 @@
 ::
 
     client -> Serve HTTP proxy (127.0.0.1:8000) -> OpenAIIngress (this file, FastAPI)
-        validate -> tokenize once (deploy/tokenizer.py) -> routing kwarg: token count + prefix hashes
+        validate -> tokenize once (deploy/tokenizer.py; vLLM: the model's, deploy/hf_tokenizer.py)
+        -> routing kwarg: token count + prefix hashes
         -> DeploymentHandle(LLMReplica) -> HalffullRequestRouter (router/serve_router.py) -> policy.choose
         -> LLMReplica (replicas/deployment.py) -> engine backend -> token ids streamed back -> text / SSE
 
 Endpoints
   POST /v1/completions        prompt: string, [string], token ids, or [token ids] (one prompt per request)
-  POST /v1/chat/completions   messages -> the chat template of deploy/tokenizer.py
+  POST /v1/chat/completions   messages -> the chat template of deploy/tokenizer.py (vLLM: the tokenizer's own)
   GET  /v1/models             the one served model
   GET  /health                200 {"status": "ok"} while the ingress is up
   GET  /metrics               halffull's Prometheus metrics, read from this node's Ray metrics agent
@@ -80,6 +81,13 @@ node's ``halffull_*`` series. Names (Ray prefixes them with ``ray_``):
   halffull_rejected_requests_total{reason}                  429s: ingress | queue | engine
   halffull_ingress_active_requests                          generation requests in this ingress replica now
 
+Backends (``backend``): ``sim`` (default; simulated replicas: ``gpu``, ``model``, ``speedup``, ``engine``) or
+``vllm`` (one vLLM ``AsyncLLM`` engine per replica, replicas/vllm/backend.py: the ``vllm`` section is
+``VllmEngineConfig``, replicas/vllm/config.py; ``replica_num_gpus: 1`` on GPUs; examples deploy/vllm_gpu.yaml,
+deploy/vllm_cpu.yaml). ``engine_policy`` / ``engine_params`` choose halffull's scheduler policy in both. With
+vLLM the ingress tokenizes with the model's own Hugging Face tokenizer and chat template, prompt token ids
+must be below the tokenizer's size, and sampling is vLLM's default (sampling fields are checked, not used).
+
 App arguments (``build_app``; YAML ``args``): see ``AppConfig``.
 """
 
@@ -105,9 +113,23 @@ from ray.serve.config import BackpressureConfig, RequestRouterConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deploy.tokenizer import CHAT_ROLES, SimTokenizer
-from replicas.deployment import MAX_ONGOING_REQUESTS, LLMReplica, bind_replica_grpc_to_node_ip, process_memory
+from replicas.deployment import (
+    BACKENDS,
+    MAX_ONGOING_REQUESTS,
+    LLMReplica,
+    bind_replica_grpc_to_node_ip,
+    process_memory,
+)
 from replicas.sim.latency import LatencyModel
-from replicas.sim.realtime import EngineDeadError, EngineOverloadedError, SimEngineConfig, check_field_types
+from replicas.sim.realtime import (
+    EngineDeadError,
+    EngineOverloadedError,
+    SimEngineConfig,
+    check_engine_params,
+    check_field_types,
+    known_fields,
+)
+from replicas.vllm.config import VllmEngineConfig  # no vLLM import: the config section only
 from router import serve_router
 from router.registry import make_policy
 
@@ -132,6 +154,8 @@ class AppConfig:
     """``serve_config.yaml`` ``args``. Unknown keys and ill-typed values fail; every default lives here."""
 
     num_replicas: int = 4  # LLMReplica replicas
+    backend: str = "sim"  # "sim": simulated replicas (gpu, model, speedup, engine); "vllm": real engines (vllm)
+    vllm: Mapping[str, Any] = field(default_factory=dict)  # VllmEngineConfig (replicas/vllm/config.py)
     router: str = "sal"  # a router.registry name, or "ray_default" (Ray's power-of-two router)
     router_params: Mapping[str, Any] = field(default_factory=dict)
     router_seed: int | None = None
@@ -147,6 +171,7 @@ class AppConfig:
     prefix_block_size: int = 64  # tokens per router prefix hash
     max_ongoing_requests: int = MAX_ONGOING_REQUESTS  # per LLMReplica
     replica_num_cpus: float = 0.0
+    replica_num_gpus: float = 0.0  # per LLMReplica (vLLM on GPUs: 1, or tensor_parallel_size)
     ingress_replicas: int = 1
     # Generation requests one ingress replica handles at once (queued for a replica, running or streaming);
     # beyond it 429 at once (Serve's own limit for the ingress is this + INGRESS_BURST_SLOTS).
@@ -162,13 +187,7 @@ class AppConfig:
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any] | None) -> "AppConfig":
-        if args is not None and not isinstance(args, Mapping):
-            raise ValueError(f"app arguments must be a mapping, got {type(args).__name__}")
-        args = dict(args or {})
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(args) - valid, key=str)
-        if unknown:
-            raise ValueError(f"unknown app argument(s) {unknown}; valid: {sorted(valid)}")
+        args = known_fields(cls, args, "app argument")
         if isinstance(args.get("speedup"), str):
             try:
                 args["speedup"] = float(args["speedup"])
@@ -195,17 +214,40 @@ class AppConfig:
                             ("request_timeout_s", self.request_timeout_s)):
             if value is not None and not (math.isfinite(value) and value >= (0 if name == "retry_after_s" else 1e-3)):
                 raise ValueError(f"{name} must be a finite number of seconds (> 0), got {value}")
-        cpus = self.replica_num_cpus
-        if not (0 <= cpus <= 1024 and (cpus == 0 or cpus >= 1e-4)):  # Ray's resource precision is 1e-4
-            raise ValueError(f"replica_num_cpus must be 0 or in [0.0001, 1024], got {cpus}")
+        for name, hi in (("replica_num_cpus", 1024), ("replica_num_gpus", 64)):
+            value = getattr(self, name)
+            if not (0 <= value <= hi and (value == 0 or value >= 1e-4)):  # Ray's resource precision is 1e-4
+                raise ValueError(f"{name} must be 0 or in [0.0001, {hi}], got {value}")
         if self.router_seed is not None and abs(self.router_seed) > _MAX_INT:
             raise ValueError("router_seed out of range")
         if self.served_model_name is not None and not self.served_model_name.strip():
             raise ValueError("served_model_name must not be empty")
         if self.max_output_tokens is not None and self.max_output_tokens < 1:
             raise ValueError(f"max_output_tokens must be >= 1, got {self.max_output_tokens}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "vllm":
+            self.check_vllm()
+            return
+        if self.vllm:
+            raise ValueError("vllm options need backend: vllm")
         engine = self.engine_config()  # engine options and the engine policy's params fail here
         LatencyModel.from_profile(engine.gpu, engine.model, engine.tp)
+
+    def check_vllm(self) -> None:
+        sim_only = [f.name for f in dataclasses.fields(self)
+                    if f.name in ("gpu", "model", "speedup", "engine") and getattr(self, f.name) != _default(f)]
+        if sim_only:
+            raise ValueError(f"{sim_only} configure the simulated backend; with backend: vllm set the model and "
+                             f"engine options under vllm:")
+        check_engine_params(self.engine_policy, self.engine_params)
+        tp = self.vllm_config().tensor_parallel_size
+        if self.replica_num_gpus and self.replica_num_gpus != tp:
+            raise ValueError(f"replica_num_gpus ({self.replica_num_gpus:g}) must equal vllm.tensor_parallel_size "
+                             f"({tp}): one GPU per tensor-parallel rank")
+
+    def vllm_config(self) -> VllmEngineConfig:
+        return VllmEngineConfig.from_dict(self.vllm)
 
     def engine_config(self) -> SimEngineConfig:
         if not isinstance(self.engine, Mapping):
@@ -220,20 +262,46 @@ class AppConfig:
         })
 
     def max_model_len(self) -> int:
+        if self.backend == "vllm":
+            return self.vllm_config().max_model_len
         engine = self.engine_config()
         return engine.max_model_len or LatencyModel.from_profile(engine.gpu, engine.model, engine.tp).model.max_model_len
 
     def model_name(self) -> str:
+        if self.backend == "vllm":
+            return self.served_model_name or self.vllm_config().model
         return self.served_model_name or self.model
+
+    def replica_options(self) -> dict[str, Any]:
+        """``LLMReplica``'s constructor arguments (backend kind and its options)."""
+        if self.backend == "vllm":
+            return {"backend": "vllm", "engine": {**self.vllm_config().to_dict(), "engine_policy": self.engine_policy,
+                                                  "engine_params": dict(self.engine_params)}}
+        engine = self.engine_config()
+        engine_dict = {f.name: getattr(engine, f.name) for f in dataclasses.fields(engine)}
+        engine_dict["output_vocab"] = list(engine.output_vocab or ())
+        engine_dict["engine_params"] = dict(engine.engine_params)
+        return {"backend": "sim", "engine": engine_dict}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def make_tokenizer(config: AppConfig):
+    """The ingress's tokenizer: the simulated model's, or the real model's own (deploy/hf_tokenizer.py)."""
+    if config.backend == "vllm":
+        from deploy.hf_tokenizer import HfTokenizer
+
+        return HfTokenizer.load(config.vllm_config().tokenizer_path)
+    return SimTokenizer()
 
 
 def build_app(args: Mapping[str, Any] | None = None):
     """The Serve application: ``OpenAIIngress`` in front of ``num_replicas`` ``LLMReplica``s."""
     config = AppConfig.from_args(args)
-    engine = config.engine_config()
-    engine_dict = {f.name: getattr(engine, f.name) for f in dataclasses.fields(engine)}
-    engine_dict["output_vocab"] = list(engine.output_vocab or ())
-    engine_dict["engine_params"] = dict(engine.engine_params)
+    if config.backend == "vllm":
+        config.vllm_config().check_engine_arg_names()  # here, not in AppConfig.check: it imports vLLM
     router_config = {"request_routing_stats_period_s": config.stats_period_s,
                      "request_routing_stats_timeout_s": max(2.0, 4 * config.stats_period_s)}
     if config.router != RAY_DEFAULT_ROUTER:
@@ -248,9 +316,9 @@ def build_app(args: Mapping[str, Any] | None = None):
         max_ongoing_requests=config.max_ongoing_requests,
         max_queued_requests=config.max_queued_requests,
         backpressure_config=backpressure,
-        ray_actor_options={"num_cpus": config.replica_num_cpus},
+        ray_actor_options={"num_cpus": config.replica_num_cpus, "num_gpus": config.replica_num_gpus},
         request_router_config=RequestRouterConfig(**router_config),
-    ).bind(backend="sim", engine=engine_dict)
+    ).bind(**config.replica_options())
     digests = [d.hex() for d in api_key_digests(os.environ)]  # keys never leave this process, digests do
     return OpenAIIngress.options(
         num_replicas=config.ingress_replicas,
@@ -400,9 +468,9 @@ def _check_common(body: Mapping[str, Any]) -> None:
         raise _bad("logprobs are not supported", "logprobs")
 
 
-def _check_token_ids(ids: list, param: str) -> list[int]:
-    if not all(_is_int(t) and 0 <= t < TOKEN_ID_LIMIT for t in ids):
-        raise _bad(f"'{param}' token ids must be integers in [0, {TOKEN_ID_LIMIT})", param)
+def _check_token_ids(ids: list, param: str, limit: int = TOKEN_ID_LIMIT) -> list[int]:
+    if not all(_is_int(t) and 0 <= t < limit for t in ids):
+        raise _bad(f"'{param}' token ids must be integers in [0, {limit})", param)
     return ids
 
 
@@ -413,10 +481,10 @@ def completion_prompt_ids(body: Mapping[str, Any], tokenizer: SimTokenizer, max_
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # one prompt in a batch of one
     if isinstance(prompt, str):
-        _check_text_size(len(prompt), max_model_len, "prompt")
+        _check_text_size(len(prompt), max_model_len, "prompt", tokenizer)
         ids = tokenizer.encode(prompt)
     elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-        ids = _check_token_ids(prompt, "prompt")
+        ids = _check_token_ids(prompt, "prompt", getattr(tokenizer, "vocab_limit", TOKEN_ID_LIMIT))
     elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
         raise _bad("batched prompts are not supported: send one prompt per request", "prompt")
     else:
@@ -456,14 +524,18 @@ def chat_prompt_ids(body: Mapping[str, Any], tokenizer: SimTokenizer, max_model_
                        code="invalid_type")
         else:
             size += len(content or "")
-    _check_text_size(size, max_model_len, "messages")
-    return tokenizer.apply_chat_template(messages)
+    _check_text_size(size, max_model_len, "messages", tokenizer)
+    try:
+        return tokenizer.apply_chat_template(messages)
+    except ValueError as exc:  # a real model's tokenizer without a chat template
+        raise _bad(str(exc), "messages") from None
 
 
-def _check_text_size(num_chars: int, max_model_len: int, param: str) -> None:
-    # Every token covers at most 4 bytes and every character is at least 1 byte, so a text of more than
-    # 4 * max_model_len characters has more than max_model_len tokens; refuse it before tokenizing.
-    if num_chars > 4 * max_model_len:
+def _check_text_size(num_chars: int, max_model_len: int, param: str, tokenizer: Any = None) -> None:
+    # Every token covers at most 4 bytes (a real model's tokenizer: at most ``max_chars_per_token``) and every
+    # character is at least 1 byte, so a longer text has more than max_model_len tokens; refuse it before
+    # tokenizing.
+    if num_chars > getattr(tokenizer, "max_chars_per_token", 4) * max_model_len:
         raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens; the {param} is "
                        f"far longer ({num_chars} characters).", param=param, code="context_length_exceeded")
 
@@ -814,7 +886,7 @@ class OpenAIIngress:
         digests = {bytes.fromhex(d) for d in api_key_digests_hex} | set(api_key_digests(os.environ))
         _ApiKeyGuard.digests = tuple(sorted(digests))
         self.llm = llm.options(stream=True).generate
-        self.tokenizer = SimTokenizer()
+        self.tokenizer = make_tokenizer(self.config)
         self.model = self.config.model_name()
         self.max_model_len = self.config.max_model_len()
         self.prefix_block_size = self.config.prefix_block_size
@@ -833,7 +905,8 @@ class OpenAIIngress:
     async def models(self) -> dict[str, Any]:
         return {"object": "list", "data": [{
             "id": self.model, "object": "model", "created": self.created, "owned_by": "halffull",
-            "max_model_len": self.max_model_len, "root": self.config.model,
+            "max_model_len": self.max_model_len,
+            "root": self.config.vllm_config().model if self.config.backend == "vllm" else self.config.model,
         }]}
 
     @fastapi_app.get("/metrics")

@@ -18,7 +18,7 @@
 # it stops every Ray cluster of this user on the machine.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source deploy/setup_env.sh
+source deploy/setup_env.sh ""   # no extras (and not this script's own arguments)
 
 CONFIG="${HALFFULL_CONFIG:-deploy/serve_config.yaml}"
 RAY_PORT="${HALFFULL_RAY_PORT:-6390}"

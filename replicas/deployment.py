@@ -31,8 +31,9 @@ must return to zero after cancellations), ``replica``, the counters of ``counter
 ``request_routing_stats_period_s`` and hands it to the routers as ``RunningReplica.routing_stats``. The prefix-aware policies work from the router's own prefix
 index, so nothing else is published.
 
-Backends: ``"sim"`` (replicas/sim/realtime.py, options: ``SimEngineConfig``). A vLLM backend plugs in through
-``make_backend``.
+Backends: ``"sim"`` (replicas/sim/realtime.py, options: ``SimEngineConfig``) and ``"vllm"``
+(replicas/vllm/backend.py, options: ``VllmEngineConfig`` fields plus ``engine_policy`` / ``engine_params``;
+its stats come from the engine process, fetched by ``refresh_stats`` before each publication).
 """
 
 from __future__ import annotations
@@ -87,12 +88,21 @@ def process_memory() -> dict[str, int]:
     return {"pid": os.getpid(), "rss_bytes": rss}
 
 
+BACKENDS = ("sim", "vllm")
+
+
 def make_backend(kind: str, options: Mapping[str, Any] | None) -> Backend:
     if kind == "sim":
         from replicas.sim.realtime import AsyncSimEngine
 
         return AsyncSimEngine.from_config(options)
-    raise ValueError(f"unknown backend {kind!r}; valid: sim")
+    if kind == "vllm":
+        import ray
+
+        from replicas.vllm.backend import VllmBackend  # imports vLLM: only in replicas that run it
+
+        return VllmBackend.from_options(options, node_ip=ray.util.get_node_ip_address())
+    raise ValueError(f"unknown backend {kind!r}; valid: {', '.join(BACKENDS)}")
 
 
 @serve.deployment(
@@ -175,7 +185,14 @@ class LLMReplica:
             "num_output_tokens": self.num_output_tokens,
         }
 
+    async def _refresh_stats(self) -> None:
+        # A backend whose engine runs elsewhere (vLLM: its engine process) fetches its stats first.
+        refresh = getattr(self.backend, "refresh_stats", None)
+        if refresh is not None:
+            await refresh()
+
     async def record_routing_stats(self) -> dict[str, Any]:
+        await self._refresh_stats()
         stats = self.backend.stats(time.time())
         occupancy = getattr(self.backend, "occupancy", None)
         if occupancy is not None:
@@ -188,6 +205,7 @@ class LLMReplica:
         """The engine's queues and free KV blocks now, plus this process's id and resident memory (tests,
         soak, operators). After every stream ended or was cancelled: no unfinished request, no open stream,
         ``num_free_blocks == num_total_blocks``."""
+        await self._refresh_stats()
         occupancy = getattr(self.backend, "occupancy", None)
         out = dict(occupancy()) if occupancy is not None else {}
         out.update(self._counters())
@@ -199,3 +217,9 @@ class LLMReplica:
 
     async def check_health(self) -> None:
         self.backend.check_health()
+
+    def __del__(self):
+        # Serve calls this on graceful shutdown: stop an engine that runs in its own process (vLLM).
+        shutdown = getattr(getattr(self, "backend", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()

@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
+# Keep Ray's listeners on 127.0.0.1 (DESIGN.md §9). Ray reads this when it is first imported (ray_constants), and
+# test modules import Ray at collection, before any fixture runs: so it is set here, when conftest.py loads.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 APP_READY_TIMEOUT_S = 120
 
 

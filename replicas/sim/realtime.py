@@ -110,13 +110,7 @@ class SimEngineConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "SimEngineConfig":
         """Build from a plain dict (Serve config); unknown keys and ill-typed values fail loudly (ValueError)."""
-        if values is not None and not isinstance(values, Mapping):
-            raise ValueError(f"sim engine options must be a mapping, got {type(values).__name__}")
-        values = dict(values or {})
-        valid = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - valid, key=str)
-        if unknown:
-            raise ValueError(f"unknown sim engine option(s) {unknown}; valid: {sorted(valid)}")
+        values = known_fields(cls, values, "sim engine option")
         if values.get("speedup") in ("inf", "infinity"):
             values["speedup"] = math.inf
         config = cls(**check_field_types(cls, values, "sim engine option"))
@@ -128,6 +122,21 @@ MAX_NUM_BLOCKS = 1 << 22  # 64M tokens at 16 per block: more KV than any GPU hol
 
 
 # ---- config type checks (shared with deploy/app.py's AppConfig) -----------------------------------------
+def known_fields(cls: type, values: Mapping[str, Any] | None, what: str, hint: str = "") -> dict[str, Any]:
+    """``values`` as a new dict; ValueError unless it is a mapping (or None) whose keys are all fields of ``cls``.
+
+    ``what`` names one entry ("sim engine option"), for the messages.
+    """
+    if values is not None and not isinstance(values, Mapping):
+        raise ValueError(f"{what}s must be a mapping, got {type(values).__name__}")
+    values = dict(values or {})
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - valid, key=str)
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; valid: {sorted(valid)}{hint}")
+    return values
+
+
 def check_field_types(cls: type, values: Mapping[str, Any], what: str) -> dict[str, Any]:
     """``values`` checked against the annotations of dataclass ``cls``; ValueError naming the field otherwise.
 
