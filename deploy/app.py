@@ -20,8 +20,9 @@ Request fields honoured: ``model`` (must be the served name; else 404), ``max_to
 ``stream_options.include_usage``, ``ignore_eos`` (vLLM extra: run to ``max_tokens``; otherwise the simulated
 model stops at its pseudo-EOS length, 16-256 tokens derived from the prompt: replicas/sim/realtime.py),
 ``priority`` (vLLM extra; lower runs first under the ``priority`` engine policy). Sampling fields
-(temperature, top_p, seed, stop, penalties, user) are type-checked and otherwise ignored: the simulated model's
-output is deterministic. Not supported (400 when set to a non-default value): ``n`` > 1, ``best_of`` > 1,
+(temperature, top_p, seed, presence / frequency penalties) go to a vLLM engine; ``stop`` and ``user`` are
+type-checked and otherwise ignored, as are all sampling fields by the simulated model (its output is
+deterministic). Not supported (400 when set to a non-default value): ``n`` > 1, ``best_of`` > 1,
 ``echo``, ``logprobs``.
 
 Errors are OpenAI-shaped, ``{"error": {"message", "type", "param", "code"}}``, never a 500 for bad input:
@@ -113,6 +114,7 @@ from ray.serve.config import BackpressureConfig, RequestRouterConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deploy.tokenizer import CHAT_ROLES, SimTokenizer
+from replicas.backend import SAMPLING_FIELDS
 from replicas.deployment import (
     BACKENDS,
     MAX_ONGOING_REQUESTS,
@@ -951,7 +953,8 @@ class OpenAIIngress:
                 return err.response()
             request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             base = {"prompt_token_ids": prompt_ids, "max_tokens": max_tokens,
-                    "ignore_eos": bool(body.get("ignore_eos")), "priority": body.get("priority") or 0}
+                    "ignore_eos": bool(body.get("ignore_eos")), "priority": body.get("priority") or 0,
+                    "sampling": {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}}
             prefix_block_size = self.prefix_block_size
 
             def call(attempt: int):

@@ -13,8 +13,11 @@ A backend runs requests given as token ids and streams token ids back:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, AsyncIterator, Protocol, Sequence
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Mapping, Protocol, Sequence
+
+# OpenAI request fields a sampling engine (vLLM) applies; the simulated model's output is deterministic.
+SAMPLING_FIELDS = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class GenerateRequest:
     max_tokens: int
     ignore_eos: bool = False
     priority: int = 0
+    sampling: Mapping[str, Any] = field(default_factory=dict)  # SAMPLING_FIELDS the client set
 
 
 @dataclass

@@ -134,6 +134,7 @@ class LLMReplica:
             max_tokens=int(request["max_tokens"]),
             ignore_eos=bool(request.get("ignore_eos", False)),
             priority=int(request.get("priority", 0)),
+            sampling=dict(request.get("sampling") or {}),
         )
         outcome = RequestOutcome()
         submit = getattr(self.backend, "submit", None)

@@ -120,6 +120,21 @@ def test_completion_non_streaming_token_ids(client):
     assert out.choices[0].finish_reason == "length"
 
 
+def test_sampling_fields_reach_the_engine(client):
+    """vLLM samples at temperature 1 unless told otherwise: repeatable text proves temperature and seed arrive."""
+    ids = [5, 17, 300, 42, 99, 7]
+
+    def text(**sampling) -> str:
+        out = client.completions.create(model=MODEL, prompt=ids, max_tokens=16, extra_body={"ignore_eos": True},
+                                        **sampling)
+        return out.choices[0].text
+
+    assert text(temperature=0) == text(temperature=0)  # greedy
+    seeded = text(temperature=1.0, seed=1)
+    assert seeded == text(temperature=1.0, seed=1)
+    assert seeded != text(temperature=1.0, seed=2)
+
+
 def test_token_ids_beyond_the_vocabulary_are_a_400(http):
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": [1, 2, 100_000], "max_tokens": 2})
     assert r.status_code == 400, r.text

@@ -148,7 +148,7 @@ class VllmBackend:
         outcome = outcome if outcome is not None else RequestOutcome()
         outcome.num_prompt_tokens = len(request.prompt_token_ids)
         params = self._SamplingParams(max_tokens=request.max_tokens, ignore_eos=request.ignore_eos,
-                                      output_kind=self._DELTA, detokenize=False)
+                                      output_kind=self._DELTA, detokenize=False, **request.sampling)
         rid = request.request_id
         entry = self._inflight[rid] = [request.max_tokens, 0]
         stream = self.llm.generate(self._tokens_input(list(request.prompt_token_ids)), params, rid,
