@@ -123,7 +123,6 @@ class LocalServe:
                  log_to_driver=False, logging_level="ERROR", namespace="halffull-loadtest")
         # After ray.init, which installs its own: SIGTERM unwinds like Ctrl-C, so __exit__ stops the cluster
         # (and run_locust locust's process group) instead of leaving Ray's agents behind.
-        self._previous_sigterm = None
         if threading.current_thread() is threading.main_thread():
             self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:

@@ -55,6 +55,7 @@ from pathlib import Path
 
 import yaml
 
+from loadtest.bench_serve import cluster_cpu_seconds
 from loadtest.metrics import percentile
 from loadtest.traces import BUILTIN_TRACES, load_trace
 
@@ -224,20 +225,6 @@ def cluster_processes() -> dict[int, str]:
         except psutil.Error:
             pass
     return out
-
-
-def cluster_cpu_seconds() -> float:
-    """CPU seconds used so far by this script's Ray cluster (every descendant process)."""
-    import psutil
-
-    total = 0.0
-    for proc in psutil.Process(os.getpid()).children(recursive=True):
-        try:
-            times = proc.cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
-            pass
-    return total
 
 
 def _own_cpu_seconds() -> float:

@@ -73,6 +73,22 @@ def ray_cluster():
             ray.shutdown()
 
 
+def replica_actor(app: str, replica_id: str):
+    """The Ray actor of one LLMReplica replica of ``app`` (Serve names it after the app and the replica id)."""
+    import ray
+
+    return ray.get_actor(f"SERVE_REPLICA::{app}#LLMReplica#{replica_id}", namespace="serve")
+
+
+def replica_actors(app: str) -> dict:
+    """Replica id -> Ray actor, for every live LLMReplica replica of ``app``."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#LLMReplica#"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    return {name[len(prefix):]: ray.get_actor(name, namespace="serve") for name in names}
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.25, message: str = "condition"):
     """Poll ``predicate`` until it returns a truthy value (returned) or ``timeout`` seconds pass (fail)."""
     deadline = time.monotonic() + timeout

@@ -15,7 +15,7 @@ import json
 import httpx
 import pytest
 
-from tests.serve_support import wait_until
+from tests.serve_support import replica_actors, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
@@ -34,9 +34,7 @@ def base_url(ray_cluster):
 def replica_stats() -> dict[str, dict]:
     import ray
 
-    prefix = f"SERVE_REPLICA::{APP}#LLMReplica#"
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
-    refs = {n[len(prefix):]: ray.get_actor(n, namespace="serve").record_routing_stats.remote() for n in names}
+    refs = {rid: actor.record_routing_stats.remote() for rid, actor in replica_actors(APP).items()}
     return {rid: ray.get(ref, timeout=10) for rid, ref in refs.items()}
 
 

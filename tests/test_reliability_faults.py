@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from tests.serve_support import wait_until
+from tests.serve_support import replica_actor, replica_actors, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -46,11 +46,7 @@ def base_url(ray_cluster):
 
 
 def replica_names() -> set[str]:
-    import ray
-
-    prefix = f"SERVE_REPLICA::{APP}#LLMReplica#"
-    return {a["name"][len(prefix):] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith(prefix)}
+    return set(replica_actors(APP))
 
 
 @dataclass
@@ -137,7 +133,7 @@ def test_killing_a_replica_under_load_loses_nothing(base_url):
                 completed.append(out)
                 if len(completed) == KILL_AFTER and not killed:
                     victim = next(o.replica for o in reversed(completed) if o.replica in before)
-                    actor = ray.get_actor(f"SERVE_REPLICA::{APP}#LLMReplica#{victim}", namespace="serve")
+                    actor = replica_actor(APP, victim)
                     stats = await actor.record_routing_stats.remote()
                     ray.kill(actor, no_restart=True)
                     killed.update(replica=victim, at=time.monotonic(), running=stats["num_running"],

@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from tests.serve_support import wait_until
+from tests.serve_support import replica_actors, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
@@ -120,9 +120,8 @@ def test_max_tokens_above_the_cap_is_400(guard):
 def replica_occupancy(app: str) -> dict:
     import ray
 
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith(f"SERVE_REPLICA::{app}#LLMReplica#")]
-    return ray.get(ray.get_actor(names[0], namespace="serve").record_routing_stats.remote(), timeout=10)
+    actor = next(iter(replica_actors(app).values()))
+    return ray.get(actor.record_routing_stats.remote(), timeout=10)
 
 
 def test_a_request_past_the_timeout_is_504_and_aborted(guard):

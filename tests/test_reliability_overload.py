@@ -35,7 +35,7 @@ import warnings
 import httpx
 import pytest
 
-from tests.serve_support import wait_until
+from tests.serve_support import replica_actors, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -59,9 +59,7 @@ def base_url(ray_cluster):
 def replica_stats() -> dict[str, dict]:
     import ray
 
-    prefix = f"SERVE_REPLICA::{APP}#LLMReplica#"
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
-    refs = [ray.get_actor(n, namespace="serve").record_routing_stats.remote() for n in names]
+    refs = [actor.record_routing_stats.remote() for actor in replica_actors(APP).values()]
     return {s["replica"]: s for s in ray.get(refs, timeout=10)}
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from deploy.tokenizer import SimTokenizer
 from replicas.sim.realtime import pseudo_eos_tokens
-from tests.serve_support import wait_until
+from tests.serve_support import replica_actor, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
 
@@ -153,8 +153,7 @@ def test_client_disconnect_aborts_the_request_on_the_replica(http):
     import ray
 
     def replica_stats(replica: str) -> dict:
-        actor = ray.get_actor(f"SERVE_REPLICA::e2e#LLMReplica#{replica}", namespace="serve")
-        return ray.get(actor.record_routing_stats.remote(), timeout=10)
+        return ray.get(replica_actor("e2e", replica).record_routing_stats.remote(), timeout=10)
 
     body = {"model": MODEL, "prompt": "abandon me", "max_tokens": 8000, "ignore_eos": True, "stream": True}
     with http.stream("POST", "/v1/completions", json=body) as response:

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.serve_support import wait_until
+from tests.serve_support import replica_actor, replica_actors, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -31,11 +31,7 @@ def base_url(ray_cluster):
 
 
 def replica_actor_names() -> set[str]:
-    import ray
-
-    prefix = f"SERVE_REPLICA::{APP}#LLMReplica#"
-    return {a["name"][len(prefix):] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith(prefix)}
+    return set(replica_actors(APP))
 
 
 class Stream:
@@ -88,7 +84,7 @@ def test_killed_replica_fails_cleanly_and_is_replaced(base_url):
         time.sleep(1.0)  # everything is in flight
         for s in streams:
             assert s.next_events(2)  # tokens are flowing everywhere
-        ray.kill(ray.get_actor(f"SERVE_REPLICA::{APP}#LLMReplica#{victim}", namespace="serve"), no_restart=True)
+        ray.kill(replica_actor(APP, victim), no_restart=True)
         killed_at = time.monotonic()
 
         # In-flight streams on the victim end with one error event and [DONE], promptly.

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve_support import wait_until
+from tests.serve_support import replica_actors, wait_until
 from tests.vllm_support import require_vllm
 
 require_vllm()
@@ -75,11 +75,7 @@ def http(base_url):
 
 
 def replicas() -> dict[str, object]:
-    import ray
-
-    prefix = f"SERVE_REPLICA::{APP}#LLMReplica#"
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
-    return {name[len(prefix):]: ray.get_actor(name, namespace="serve") for name in names}
+    return replica_actors(APP)
 
 
 def routing_stats() -> dict[str, dict]:

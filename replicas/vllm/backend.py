@@ -17,8 +17,8 @@ schedulers with a preemption counter (replicas/vllm/engine_stats.py). ``AsyncLLM
 its own process (~15 s start on CPU); the replica's process keeps the tokenizer-free frontend.
 
 Requests: the ingress tokenizes, so the engine gets token ids (``TokensPrompt``) and returns token ids
-(``detokenize=False``, ``output_kind=DELTA``); sampling is vLLM's default (the ingress passes no sampling
-fields). ``generate`` yields each new token id; the ``RequestOutcome`` gets the prompt length, the prefix-cache
+(``detokenize=False``, ``output_kind=DELTA``); the client's sampling fields (``GenerateRequest.sampling``:
+temperature, top_p, seed, penalties) go into ``SamplingParams``, vLLM's defaults otherwise. ``generate`` yields each new token id; the ``RequestOutcome`` gets the prompt length, the prefix-cache
 hit (``RequestOutput.num_cached_tokens``), output tokens, the request's preemptions (``RequestOutput.metrics``,
 present unless ``disable_log_stats``) and the finish reason (vLLM's ``stop`` / ``length`` / ``abort``; anything
 else reads as ``abort``). Closing the iterator early (or cancelling its consumer) aborts the request in vLLM
