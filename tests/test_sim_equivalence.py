@@ -244,12 +244,13 @@ def test_sim_continues_after_a_preempt_only_step(jump):
     assert math.isfinite(replica.clock)
 
 
-# ---- stats refreshes split a pending run instead of applying it -----------------------------------------
+# ---- stats refreshes count a pending run's steps instead of applying them ---------------------------------
 
 
-def _replicas_with_refreshes(policy: str, load: str, split: bool):
-    """Replay a stream with a stats refresh every 20 ms: ``split`` is the replica's own ``stats`` (the pending
-    run is split), else the reference: ``materialize`` then ``engine_stats`` on the scheduler."""
+def _replicas_with_refreshes(policy: str, load: str, mode: str):
+    """Replay a stream with a stats refresh every 20 ms. ``mode``: "stats" is the replica's own ``stats``
+    (a pending run's started steps are counted, not applied), "applied" the reference (``materialize`` then
+    ``engine_stats`` on the scheduler), "none" no refresh at all (only ``advance_to`` at the ticks)."""
     from replicas.engine.stats import engine_stats
     from router.estimate import OutputLengthEstimator
 
@@ -264,9 +265,9 @@ def _replicas_with_refreshes(policy: str, load: str, split: bool):
     for s in specs:
         while tick <= s.arrival:
             replica.advance_to(tick)
-            if split:
+            if mode == "stats":
                 published.append(replica.stats(tick, estimator))
-            else:
+            elif mode == "applied":
                 replica.materialize(tick)
                 published.append(engine_stats(sched, estimator, now=tick, latency=LATENCY))
             tick += 0.02
@@ -279,14 +280,33 @@ def _replicas_with_refreshes(policy: str, load: str, split: bool):
     return published, results, (replica.clock, replica.busy_time, sched.num_steps, sched.pool.free_queue)
 
 
+def _assert_same_results(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for rid, (first_a, finish_a, pre_a, hit_a) in a.items():
+        first_b, finish_b, pre_b, hit_b = b[rid]
+        assert math.isclose(first_a, first_b, rel_tol=1e-12) and math.isclose(finish_a, finish_b, rel_tol=1e-12), rid
+        assert (pre_a, hit_a) == (pre_b, hit_b), rid
+
+
 @pytest.mark.parametrize("load", LOADS, ids=LOADS)
 @pytest.mark.parametrize("policy", POLICIES + ["larry"], ids=POLICIES + ["larry"])
-def test_stats_split_equals_applying_the_run(policy, load):
-    # Exact equality, floats included: the split does the clock arithmetic of applying the steps and
-    # planning the rest anew, so later results may not drift by even one ulp.
-    split = _replicas_with_refreshes(policy, load, split=True)
-    applied = _replicas_with_refreshes(policy, load, split=False)
-    assert split == applied
+def test_stats_of_a_pending_run_equal_applying_it(policy, load):
+    counted, counted_results, (_, _, counted_steps, counted_free) = _replicas_with_refreshes(policy, load, "stats")
+    applied, applied_results, (_, _, applied_steps, applied_free) = _replicas_with_refreshes(policy, load, "applied")
+    assert counted == applied  # every published number, exactly
+    assert len(counted) > 100 and any(p["num_running"] > 1 for p in counted)
+    # Applying a run in pieces sums its step times in another order: the same decisions, times to rounding.
+    _assert_same_results(counted_results, applied_results)
+    assert (counted_steps, counted_free) == (applied_steps, applied_free)
+
+
+@pytest.mark.parametrize("policy", POLICIES + ["larry"], ids=POLICIES + ["larry"])
+def test_stats_leave_a_run_alone(policy):
+    # Nothing waits under the light load, so a refresh never applies a run: the replica runs exactly as
+    # without refreshes, floats included.
+    _, with_stats, end_with = _replicas_with_refreshes(policy, "light", "stats")
+    _, without, end_without = _replicas_with_refreshes(policy, "light", "none")
+    assert with_stats == without and end_with == end_without
 
 
 # ---- a finished request's blocks: a run of unhashed blocks, placed as registering them would ------------

@@ -10,10 +10,9 @@ durations in closed form and stops at the deadline. ``jump=False`` steps one tok
 same per-request results (tests/test_sim_equivalence.py).
 
 A pending run is applied when it ends or when the engine's state must be current (an arrival). A stats
-refresh (``stats``) does not apply it: it reports the steps started so far as if they were applied and
-splits the run there, exactly as applying them and planning the rest as a new run would (same clock
-arithmetic; the rest is what the scheduler would plan, as nothing waits). That is the common case:
-refreshes come more often than arrivals.
+refresh (``stats``) leaves it alone: it reports the steps started so far as if they were applied (the
+scheduler counts them without taking anything), so a refresh changes nothing in the run. That is the
+common case: refreshes come more often than arrivals.
 """
 
 from __future__ import annotations
@@ -40,51 +39,27 @@ def step_cost(out: SchedulerOutput) -> tuple[int, int, int]:
 
 
 class _PendingRun:
-    """Decode steps planned but not yet applied to the engine.
+    """Decode steps planned but not yet applied to the engine: ``out`` is the run's first step, ``steps``
+    of them start at the replica's clock."""
 
-    ``out`` is the run's first step; ``done`` steps of it were split off by refreshes (the clock moved past
-    them, the engine did not); the current part has ``steps`` more, starting at the replica's clock.
-    """
-
-    __slots__ = ("out", "num_seqs", "context", "done", "steps", "times", "last_start")
+    __slots__ = ("out", "steps", "times", "last_start")
 
     def __init__(self, out: SchedulerOutput, steps: int, latency: LatencyModel):
         self.out = out
-        self.num_seqs = len(out.num_scheduled_tokens)
-        self.context = sum(out.computed_before.values())  # computed tokens before the first step
-        self.done = 0
-        self._time(steps, latency)
-
-    def _time(self, steps: int, latency: LatencyModel) -> None:
         self.steps = steps
-        context = self.context + self.num_seqs * self.done
-        if steps > 1:
-            self.times: DecodeRunTimes | float = latency.decode_run_times(self.num_seqs, context, steps)
-            self.last_start = self.times.last_start
-        else:
-            # Planned afresh, one step is no run: the replica times it with step_time (step_cost of one
-            # decode token per sequence: pairs = kv = context + num_seqs).
-            after = context + self.num_seqs
-            self.times = latency.step_time(self.num_seqs, after, after)
-            self.last_start = 0.0
+        # num_seqs sequences holding `context` computed tokens before the first step
+        num_seqs, context = len(out.num_scheduled_tokens), sum(out.computed_before.values())
+        self.times = latency.decode_run_times(num_seqs, context, steps)
+        self.last_start = self.times.last_start
 
     def cut(self, deadline: float) -> tuple[int, float]:
-        """(k, duration of k steps): the steps of the current part that start before ``deadline`` (from the
-        part's start)."""
+        """(k, duration of k steps): the steps that start before ``deadline`` (from the run's start)."""
         if deadline <= 0.0:
             return 0, 0.0
-        times = self.times
-        return times.cut(deadline) if isinstance(times, DecodeRunTimes) else (1, times)
+        return self.times.cut(deadline)
 
     def duration(self) -> float:
-        """Duration of the whole current part."""
-        times = self.times
-        return times.start(self.steps) if isinstance(times, DecodeRunTimes) else times
-
-    def split(self, k: int, latency: LatencyModel) -> None:
-        """The first k (>= 1, < steps) steps of the current part are done; time the rest as a new run."""
-        self.done += k
-        self._time(self.steps - k, latency)
+        return self.times.start(self.steps)
 
 
 class SimReplica:
@@ -126,7 +101,7 @@ class SimReplica:
                 if run.last_start >= t - self.clock:
                     return finished
                 self._run = None
-                finished.extend(self._commit(run.out, run.done + run.steps, run.duration()))
+                finished.extend(self._commit(run.out, run.steps, run.duration()))
                 continue
             if not (self.clock < t and sched.has_work()):
                 return finished
@@ -145,17 +120,18 @@ class SimReplica:
         if run is not None:
             self._run = None
             k, dt = run.cut(t - self.clock)
-            if run.done + k:
-                finished.extend(self._commit(run.out, run.done + k, dt))
+            if k:
+                finished.extend(self._commit(run.out, k, dt))
         return finished
 
     def stats(self, now: float, estimator: Any) -> dict[str, Any]:
         """``engine_stats`` as of ``now``, for a replica advanced to ``now`` (``advance_to(now)``: nothing
         left to finish before ``now``).
 
-        The same as ``materialize(now)`` and then ``engine_stats``, but a pending run is split, not applied
-        (module docstring). Splitting is exact only while nothing waits, which holds during any run that
-        began with an empty queue (arrivals apply the run first).
+        The same as ``materialize(now)`` and then ``engine_stats``, but a pending run's steps that started
+        are counted, not applied (module docstring). Counting is exact only while nothing waits (which
+        holds during any run that began with an empty queue: arrivals apply the run first); otherwise the
+        run is applied.
         """
         run = self._run
         if run is not None and self.scheduler.waiting:
@@ -164,14 +140,11 @@ class SimReplica:
             run = None
         if run is None:
             return engine_stats(self.scheduler, estimator, now=now, latency=self.latency)
-        k, dt = run.cut(now - self.clock)
-        if k:  # < run.steps: advance_to(now) applied the run if all its steps start before now
-            self.clock += dt  # as _commit: the same additions, in the same order
-            self.busy_time += dt
-            run.split(k, self.latency)
-        blocks = self.scheduler.decode_run_blocks(run.done) if run.done else 0
+        # k < run.steps: advance_to(now) applied the run if all its steps start before now
+        k = run.cut(now - self.clock)[0]
+        blocks = self.scheduler.decode_run_blocks(k) if k else 0
         return engine_stats(self.scheduler, estimator, now=now, latency=self.latency,
-                            pending_steps=run.done, pending_blocks=blocks)
+                            pending_steps=k, pending_blocks=blocks)
 
     def run_until_idle(self) -> list[Request]:
         return self.advance_to(math.inf)
