@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,12 +27,12 @@ _INT_FIELDS = ("num_running", "num_waiting", "num_waiting_prompt_tokens", "num_f
 _FLOAT_FIELDS = ("num_decode_tokens_remaining", "decode_cost_ratio", "stats_time")
 # The published fields in ReplicaSnapshot's order, so that a snapshot is built positionally (several times
 # cheaper than by keyword, and a router builds one per replica per request).
-_PUBLISHED = tuple(f.name for f in fields(ReplicaSnapshot) if f.name in _INT_FIELDS or f.name in _FLOAT_FIELDS)
+_PUBLISHED = tuple(f for f in ReplicaSnapshot._fields if f in _INT_FIELDS or f in _FLOAT_FIELDS)
 _CHECKS = tuple((key, _PUBLISHED.index(key), key in _INT_FIELDS) for key in _INT_FIELDS + _FLOAT_FIELDS)
 _STATS_TIME, _BLOCK_SIZE, _RATIO, _DECODE = map(_PUBLISHED.index, (
     "stats_time", "block_size", "decode_cost_ratio", "num_decode_tokens_remaining"))
 _LOCAL = ("stats_known", "local_outstanding", "delta_requests", "delta_prompt_tokens", "delta_decode_tokens")
-if [f.name for f in fields(ReplicaSnapshot)] != ["replica_id", *_PUBLISHED, *_LOCAL]:
+if list(ReplicaSnapshot._fields) != ["replica_id", *_PUBLISHED, *_LOCAL]:
     raise TypeError("RouterAccounting.snapshot builds ReplicaSnapshot positionally: update it with the fields")
 
 
@@ -82,6 +82,9 @@ def _published_values(stats: Mapping[str, Any] | None) -> tuple | None:
     return tuple(out)
 
 
+_new_snapshot = tuple.__new__
+
+
 class RouterAccounting:
     def __init__(self) -> None:
         self._routed: dict[str, deque[_Routed]] = {}  # replica -> this router's unfinished requests, by time
@@ -129,11 +132,6 @@ class RouterAccounting:
         last = self._last.get(replica_id)
         if last is not None and last[0] is stats:
             return last[1]
-        snap = self._snapshot(replica_id, stats)
-        self._last[replica_id] = (stats, snap)
-        return snap
-
-    def _snapshot(self, replica_id: str, stats: Mapping[str, Any] | None) -> ReplicaSnapshot:
         queue = self._routed.get(replica_id, ())
         cached = self._parsed.get(replica_id)
         # Stats change every period while snapshots are taken per request: parse each published dict once.
@@ -143,15 +141,19 @@ class RouterAccounting:
             published = _published_values(stats)
             self._parsed[replica_id] = (stats, published)
         if published is None:
-            return ReplicaSnapshot(replica_id=replica_id, stats_known=False, local_outstanding=len(queue))
-        since = published[_STATS_TIME]
-        n = prompt = 0
-        decode = 0.0
-        # Newest first: stop at the first request the stats already include.
-        for item in reversed(queue):
-            if item.routed_time < since:
-                break
-            n += 1
-            prompt += item.prompt_tokens
-            decode += item.decode_tokens
-        return ReplicaSnapshot(replica_id, *published, True, len(queue), n, prompt, decode)
+            snap = ReplicaSnapshot(replica_id=replica_id, stats_known=False, local_outstanding=len(queue))
+        else:
+            since = published[_STATS_TIME]
+            n = prompt = 0
+            decode = 0.0
+            # Newest first: stop at the first request the stats already include.
+            for item in reversed(queue):
+                if item.routed_time < since:
+                    break
+                n += 1
+                prompt += item.prompt_tokens
+                decode += item.decode_tokens
+            # tuple.__new__: the named tuple's own __new__ is a Python function around exactly this call
+            snap = _new_snapshot(ReplicaSnapshot, (replica_id, *published, True, len(queue), n, prompt, decode))
+        self._last[replica_id] = (stats, snap)
+        return snap

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from router.accounting import RouterAccounting
 from router.estimate import OutputLengthEstimator
 from router.registry import POLICY_NAMES, make_policy
 from router.types import Completion, ReplicaSnapshot, RequestView
@@ -569,16 +570,22 @@ def test_output_length_estimator_rejects_bad_prior(mean, weight):
         OutputLengthEstimator(mean, weight)
 
 
-def test_snapshot_and_view_build_like_their_dataclass_and_stay_frozen():
-    import dataclasses
-
+def test_snapshot_and_view_build_by_keyword_or_position_and_stay_frozen():
     by_keyword = ReplicaSnapshot(replica_id="a", num_free_blocks=3, delta_decode_tokens=2.5)
     by_position = ReplicaSnapshot("a", 0, 0, 0, 0.0, 3, 0, 16, 1.0, 0, 0.0, True, 0, 0, 0, 2.5)
     assert by_keyword == by_position and hash(by_keyword) == hash(by_position)
-    assert dataclasses.replace(by_keyword, num_running=2).num_running == 2
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    assert by_keyword._replace(num_running=2).num_running == 2
+    with pytest.raises(AttributeError):
         by_keyword.num_running = 1  # type: ignore[misc]
     with pytest.raises(TypeError):
         ReplicaSnapshot()  # type: ignore[call-arg]
+    # what RouterAccounting builds (tuple.__new__) is the same snapshot
+    accounting = RouterAccounting()
+    stats = {"num_running": 0, "num_waiting": 0, "num_waiting_prompt_tokens": 0, "num_decode_tokens_remaining": 0.0,
+             "num_free_blocks": 3, "num_total_blocks": 0, "block_size": 16, "decode_cost_ratio": 1.0,
+             "num_preemptions": 0, "stats_time": 0.0}
+    built = accounting.snapshot("a", stats)
+    assert type(built) is ReplicaSnapshot and built == by_keyword._replace(delta_decode_tokens=0.0)
+    assert built.outstanding_requests == 0
     view = RequestView("r", 10, 5)
     assert (view.arrival_time, view.prefix_hashes, view.prefix_block_size) == (0.0, (), 512)

@@ -321,6 +321,19 @@ class LatencyModel:
     ) -> tuple[int, float]:
         """Smallest j in [1, last] whose start time is >= deadline (given that start(last) >= deadline),
         and that start time."""
+        if split >= last:
+            # One line (decode runs are memory-bound throughout): the general code below with _prefix and
+            # _first_reaching(deadline, 0, 0.0, a1, b1) written out, the same operations in the same order.
+            p = a1 - 0.5 * b1
+            j = math.ceil(2.0 * deadline / (p + math.sqrt(p * p + 2.0 * b1 * deadline)))
+            j = min(max(j, 1), last)
+            while j > 1 and (j - 1) * a1 + b1 * (j - 2) * (j - 1) * 0.5 >= deadline:
+                j -= 1
+            while True:
+                start = j * a1 + b1 * (j - 1) * j * 0.5
+                if start >= deadline:
+                    return j, start
+                j += 1
         at_split = _prefix(split, split, a1, b1, a2, b2) if split < last else deadline
         if at_split < deadline:
             j = _first_reaching(deadline, split, at_split, a2, b2)

@@ -68,12 +68,13 @@ class SimReplica:
         self.scheduler = scheduler
         self.latency = latency
         self.jump = jump
-        self.clock = 0.0  # when the engine may start its next step (while a run is pending: its current part)
+        self.clock = 0.0  # when the engine may start its next step (while a run is pending: the run's start)
         self.busy_time = 0.0
         # A planned run of identical decode steps, not yet applied. It stays pending across unrelated
         # events and is applied at its natural end (a finish, a block event) or when someone needs the
-        # engine's state (``materialize``).
-        self._run: _PendingRun | None = None
+        # engine's state (``materialize``). Read-only outside: ``advance_to(t)`` does nothing while
+        # ``pending.last_start >= t - clock`` (a cluster can skip the call).
+        self.pending: _PendingRun | None = None
 
     def add_request(self, request: Request, now: float) -> list[Request]:
         """Queue a request arriving at ``now``; returns requests that finished while catching up to it."""
@@ -89,18 +90,18 @@ class SimReplica:
 
         A pending run that goes on past ``t`` is left pending (nothing can finish inside it).
         """
-        run = self._run
+        run = self.pending
         if run is not None and run.last_start >= t - self.clock:
             return []  # the common case: most replicas are inside a run at most events
         finished: list[Request] = []
         sched = self.scheduler
         while True:
-            run = self._run
+            run = self.pending
             if run is not None:
                 # t - clock is the deadline from the current part's start; its last step starts at last_start.
                 if run.last_start >= t - self.clock:
                     return finished
-                self._run = None
+                self.pending = None
                 finished.extend(self._commit(run.out, run.steps, run.duration()))
                 continue
             if not (self.clock < t and sched.has_work()):
@@ -116,9 +117,9 @@ class SimReplica:
     def materialize(self, t: float) -> list[Request]:
         """Apply the steps of a pending run that start before ``t``, so the engine's state is current."""
         finished = self.advance_to(t)
-        run = self._run
+        run = self.pending
         if run is not None:
-            self._run = None
+            self.pending = None
             k, dt = run.cut(t - self.clock)
             if k:
                 finished.extend(self._commit(run.out, k, dt))
@@ -133,7 +134,7 @@ class SimReplica:
         holds during any run that began with an empty queue: arrivals apply the run first); otherwise the
         run is applied.
         """
-        run = self._run
+        run = self.pending
         if run is not None and self.scheduler.waiting:
             finished = self.materialize(now)
             assert not finished, "only a run's last step finishes requests, and it starts at or after now"
@@ -158,7 +159,7 @@ class SimReplica:
             if stable < math.inf:
                 steps = self._run_time(out, steps, stable - self.clock)[0] or 1
         if steps > 1:
-            self._run = _PendingRun(out, steps, self.latency)
+            self.pending = _PendingRun(out, steps, self.latency)
             return
         finished.extend(self._commit(out, 1, self.latency.step_time(*step_cost(out))))
 
