@@ -158,11 +158,13 @@ class BlockPool:
         hit_blocks: Sequence[int] = (),
         *,
         reserve: int = 0,
+        needed: int | None = None,
     ) -> int | None:
         """Slots for the request's computed tokens, its hits and ``num_new_tokens`` more.
 
         Returns the number of blocks newly taken from the free queue, or None (nothing changed) when that
-        would leave fewer than ``reserve`` free blocks.
+        would leave fewer than ``reserve`` free blocks. ``needed``: ``blocks_needed`` of exactly this
+        allocation, when the caller has it already.
         """
         bs = self.block_size
         num_computed = request.num_computed_tokens + len(hit_blocks) * bs
@@ -176,7 +178,8 @@ class BlockPool:
                 if request.block_hashes:  # else there is nothing to register
                     self._register_full_blocks(request, min(total, request.num_tokens))
                 return 0
-        needed = self.blocks_needed(request, total, hit_blocks)
+        if needed is None:
+            needed = self.blocks_needed(request, total, hit_blocks)
         if needed + reserve > self._num_free:
             return None
         blocks = self.req_blocks.setdefault(request.request_id, [])

@@ -90,6 +90,7 @@ class Scheduler:
         self.num_total_blocks = config.num_blocks
         self.max_model_len = config.max_model_len
         self.watermark_blocks = int(config.watermark * config.num_blocks)
+        self._reserve_full_isl = config.reserve_full_isl
         self.num_preemptions = 0
         self.num_steps = 0
         self._admit_seq = 0
@@ -255,20 +256,22 @@ class Scheduler:
 
     def _try_admit(self, request: Request, budget: int, out: SchedulerOutput) -> bool:
         pool, bs = self.pool, self.block_size
-        hits = pool.find_cached_prefix(request) if request.num_computed_tokens == 0 else []
+        computed = request.num_computed_tokens
+        hits = pool.find_cached_prefix(request) if computed == 0 and request.block_hashes else []
         num_hit = len(hits) * bs
-        num_new = self._chunk(request.num_tokens - request.num_computed_tokens - num_hit, budget)
-        computed = request.num_computed_tokens + num_hit
+        num_tokens = request.num_prompt_tokens + request.num_output_tokens
+        computed += num_hit
+        num_new = self._chunk(num_tokens - computed, budget)
         blocks_now, blocks_full, blocks_prompt = pool.blocks_needed_each(
-            request, (computed + num_new, request.num_total_tokens_max, request.num_tokens), hits)
-        admission = Admission(request, num_hit, num_new, blocks_now, blocks_full, blocks_prompt)
-        if not self.policy.can_admit(admission, self):
+            request, (computed + num_new, request.num_prompt_tokens + request.max_tokens, num_tokens), hits)
+        if not self.policy.can_admit(Admission(request, num_hit, num_new, blocks_now, blocks_full, blocks_prompt),
+                                     self):
             return False
         # vLLM applies the watermark only when other requests are scheduled this step.
         reserve = self.watermark_blocks if out.num_scheduled_tokens else 0
-        if self.config.reserve_full_isl and admission.blocks_prompt + reserve > pool.num_free_blocks:
+        if self._reserve_full_isl and blocks_prompt + reserve > pool.num_free_blocks:
             return False
-        if pool.allocate(request, num_new, hits, reserve=reserve) is None:
+        if pool.allocate(request, num_new, hits, reserve=reserve, needed=blocks_now) is None:
             return False
         if request.num_cached_tokens < 0:
             request.num_cached_tokens = num_hit
@@ -350,7 +353,11 @@ class Scheduler:
             return 1
         if out.waiting_blocked is False and self.waiting:
             return 1  # budget ran out before admission was tried; keep it simple
+        bs, req_blocks = self.block_size, self.pool.req_blocks
         limit = math.inf
+        # Per request, the first step index needing a new block (then every bs steps): slots held after step
+        # 0's allocation minus computed tokens before step 0 (step i computes token c + i, needs c + i + 1).
+        firsts = []
         for request in running:
             generated = request.num_output_tokens
             if scheduled.get(request) != 1 or generated < 1:
@@ -361,22 +368,18 @@ class Scheduler:
                 left = stop - generated
             if left < limit:
                 limit = left
+            firsts.append(len(req_blocks[request.request_id]) * bs - request.num_computed_tokens)
         if limit <= 1:
             return 1
-        return self._block_limit(limit)
+        return self._block_limit(limit, firsts)
 
-    def _block_limit(self, limit: int) -> int:
-        """Cap ``limit`` so every block allocation inside the run succeeds (and, if unstable, at the first)."""
+    def _block_limit(self, limit: int, firsts: list[int]) -> int:
+        """Cap ``limit`` so every block allocation inside the run succeeds (and, if unstable, at the first),
+        given each running request's first step needing a block."""
         bs = self.block_size
-        req_blocks = self.pool.req_blocks
-        # Step i (0 = the step already scheduled) computes token index c + i and needs c + i + 1 slots.
-        firsts = []  # per request, the first step index needing a new block (then every bs steps)
         num_crossings = 0
-        for request in self._running:
-            # slots already held after step 0's allocation, minus computed tokens before step 0
-            first = len(req_blocks[request.request_id]) * bs - request.num_computed_tokens
+        for first in firsts:
             if first < limit:
-                firsts.append(first)
                 num_crossings += (limit - 1 - first) // bs + 1  # len(range(first, limit, bs))
         if not num_crossings:
             return limit
