@@ -15,6 +15,7 @@ The same class runs in the offline simulator and in the Ray Serve adapter.
 from __future__ import annotations
 
 import math
+import operator
 from collections import deque
 from dataclasses import dataclass
 from collections.abc import Mapping
@@ -50,12 +51,35 @@ def parse_stats(stats: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return None if values is None else {key: values[position] for key, position, _ in _CHECKS}
 
 
+_GET_PUBLISHED = operator.itemgetter(*_PUBLISHED)
+_GET_INTS = operator.itemgetter(*(_PUBLISHED.index(key) for key in _INT_FIELDS))
+_GET_FLOATS = operator.itemgetter(*(_PUBLISHED.index(key) for key in _FLOAT_FIELDS))
+_EXACT_TYPES = tuple(int if key in _INT_FIELDS else float for key in _PUBLISHED)
+
+
 def _published_values(stats: Mapping[str, Any] | None) -> tuple | None:
     """``parse_stats`` as a tuple in ``_PUBLISHED`` order.
 
     Checks: every field present, a real number (not bool), finite; the int fields >= 0 (and converted to int),
     block_size >= 1, decode_cost_ratio and num_decode_tokens_remaining >= 0.
     """
+    if type(stats) is dict:
+        # Fast path for what replicas publish (a dict, ints and floats where they belong): the types hold, so
+        # only the ranges are left. Finite floats have a finite sum (else the general checks decide).
+        try:
+            values = _GET_PUBLISHED(stats)
+        except KeyError:
+            return None
+        if tuple(map(type, values)) == _EXACT_TYPES:
+            floats = _GET_FLOATS(values)
+            if (min(_GET_INTS(values)) >= 0 and math.isfinite(floats[0] + floats[1] + floats[2])
+                    and values[_BLOCK_SIZE] >= 1 and values[_RATIO] >= 0 and values[_DECODE] >= 0):
+                return values
+    return _checked_values(stats)
+
+
+def _checked_values(stats: Mapping[str, Any] | None) -> tuple | None:
+    """``_published_values`` field by field, for any mapping."""
     if type(stats) is not dict and not isinstance(stats, Mapping):  # (the exact type first: the ABC check is slow)
         return None
     out: list[Any] = [None] * len(_PUBLISHED)
@@ -146,8 +170,8 @@ class RouterAccounting:
             since = published[_STATS_TIME]
             n = prompt = 0
             decode = 0.0
-            # Newest first: stop at the first request the stats already include.
-            for item in reversed(queue):
+            # Newest first: stop at the first request the stats already include (often the newest one).
+            for item in (reversed(queue) if queue and queue[-1].routed_time >= since else ()):
                 if item.routed_time < since:
                     break
                 n += 1

@@ -4,6 +4,8 @@ import json
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from loadtest.cli import main as cli_main
 from loadtest.cluster_sim import ClusterConfig, ClusterSim, load_trace_for, simulate
@@ -125,6 +127,26 @@ def test_untrusted_stats_are_unknown_not_errors(stats):
     assert parse_stats(stats) is None
     snap = RouterAccounting().snapshot("r0", stats)
     assert snap.stats_known is False
+
+
+_GOOD_STATS = {"num_running": 2, "num_waiting": 1, "num_waiting_prompt_tokens": 300, "num_decode_tokens_remaining": 80.5,
+               "num_free_blocks": 10, "num_total_blocks": 100, "block_size": 16, "decode_cost_ratio": 1.5,
+               "num_preemptions": 0, "stats_time": 3.25}
+_ODD_VALUES = st.sampled_from([0, 1, -1, 7, 0.0, 2.0, -0.5, 1e308, -1e308, float("inf"), float("-inf"), float("nan"),
+                               True, False, None, "3", 10**30])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(_GOOD_STATS)), _ODD_VALUES, max_size=4), st.sets(st.sampled_from(
+    sorted(_GOOD_STATS)), max_size=2))
+def test_stats_fast_path_agrees_with_the_field_checks(changes, dropped):
+    from router.accounting import _checked_values, _published_values
+
+    stats = {k: v for k, v in {**_GOOD_STATS, **changes}.items() if k not in dropped}
+    fast, checked = _published_values(stats), _checked_values(stats)
+    assert fast == checked and (fast is None or [type(v) for v in fast] == [type(v) for v in checked])
+    if not changes and not dropped:
+        assert fast is not None
 
 
 def test_snapshots_are_reused_until_their_inputs_change():

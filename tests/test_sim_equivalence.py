@@ -9,6 +9,7 @@ agree to 1e-9 relative, preemption counts and prefix hits exactly, and the jump 
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from dataclasses import dataclass
@@ -149,8 +150,27 @@ def test_identical_runs_are_identical(policy, jump):
 # ---- the scheduler-level run API, on tiny pools -------------------------------------------------------
 
 
-def _drive_runs(config, specs, jump: bool):
+def _fused_plan(sched: Scheduler, now: float):
+    """``schedule_decode_run``, checked against ``schedule`` + ``decode_run_limit`` on a copy of the engine."""
+    twin = copy.deepcopy(sched)
+    planned = sched.schedule_decode_run(now)
+    if planned is None:
+        return None
+    out = twin.schedule(now)
+    assert planned == (twin.decode_run_limit(out), sum(out.computed_before.values()))
+    assert list(out.num_scheduled_tokens) == [twin.requests[r.request_id] for r in sched.running]
+    assert (sched.pool.free_queue, sched.pool.req_blocks, sched.num_steps, sched.now) == (
+        twin.pool.free_queue, twin.pool.req_blocks, twin.num_steps, twin.now)
+    _FUSED_PLANS.append(planned)
+    return planned
+
+
+_FUSED_PLANS: list = []
+
+
+def _drive_runs(config, specs, jump: bool | str):
     """Step (or jump over decode runs) with integer step times; returns per-step snapshots and results.
+    ``jump="fused"`` plans decode runs with ``schedule_decode_run`` where it applies (``_fused_plan``).
 
     A run never crosses an arrival, as the replica's deadline guarantees. Snapshots are taken after every
     schedule/commit, keyed by the step count, so a jump's snapshot can be compared with stepping's.
@@ -164,8 +184,13 @@ def _drive_runs(config, specs, jump: bool):
             rid, prompt, max_tokens, arrival, priority = pending.pop(0)
             reqs[rid] = req(rid, prompt, max_tokens, float(arrival), priority=priority)
             sched.add_request(reqs[rid])
-        out = sched.schedule(float(sched.num_steps))
-        k = sched.decode_run_limit(out) if jump else 1
+        now = float(sched.num_steps)
+        planned = _fused_plan(sched, now) if jump == "fused" else None
+        if planned is not None:
+            out, k = None, planned[0]
+        else:
+            out = sched.schedule(now)
+            k = sched.decode_run_limit(out) if jump else 1
         if pending:
             k = max(1, min(k, pending[0][3] - sched.num_steps + 1))
         sched.commit_decode_run(out, k, float(sched.num_steps + k - 1))
@@ -208,6 +233,32 @@ def test_decode_run_leaves_the_pool_as_stepping_does(workload):
     assert jump_results == step_results
     for k, snap in jump_snaps.items():
         assert step_snaps[k] == snap, f"after step {k}"
+
+
+@settings(max_examples=60, deadline=None)
+@given(small_workloads())
+def test_schedule_decode_run_is_schedule_then_decode_run_limit(workload):
+    config, specs = workload
+    fused_snaps, fused_results = _drive_runs(config, specs, jump="fused")
+    step_snaps, step_results = _drive_runs(config, specs, jump=False)
+    assert fused_results == step_results
+    for k, snap in fused_snaps.items():
+        assert step_snaps[k] == snap, f"after step {k}"
+
+
+def test_schedule_decode_run_plans_runs_and_declines_the_rest():
+    _FUSED_PLANS.clear()
+    config = dict(num_blocks=16, block_size=4, budget=64, max_seqs=6, max_len=64, policy="fcfs", watermark=0.0)
+    specs = [("a", 5, 20, 0, 0), ("b", [7] * 6, 30, 2, 0), ("c", [7] * 9, 25, 9, 0), ("d", 3, 2, 40, 0)]
+    (fused_snaps, fused_results), (step_snaps, step_results) = (
+        _drive_runs(config, specs, jump="fused"), _drive_runs(config, specs, jump=False))
+    assert fused_results == step_results and all(step_snaps[k] == v for k, v in fused_snaps.items())
+    assert len(_FUSED_PLANS) >= 3 and any(steps > 1 for steps, _ in _FUSED_PLANS)
+    sched = make_sched(num_blocks=16, budget=64)
+    sched.add_request(req("w", 4, 8))
+    assert sched.schedule_decode_run(0.0) is None and sched.num_steps == 0  # waiting: schedule() admits
+    sched.update_from_output(sched.schedule(0.0), 0.0)
+    assert sched.schedule_decode_run(1.0) == (7, 4)  # a decode of 7 tokens left, 4 computed
 
 
 def test_decode_run_limit_stops_before_a_failing_allocation():
@@ -318,7 +369,7 @@ class _RegisteringScheduler(Scheduler):
     def _finish(self, request, now):
         request.status = RequestStatus.FINISHED
         request.finish_time = now
-        self._running.remove(request)
+        self.running.remove(request)
         self._release(request)
         del self.requests[request.request_id]
 

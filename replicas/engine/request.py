@@ -65,7 +65,7 @@ class Request:
         "request_id", "num_prompt_tokens", "max_tokens", "arrival_time", "priority", "prompt_token_ids",
         "block_hashes", "stop_after_tokens", "num_computed_tokens", "num_output_tokens", "status",
         "num_preemptions", "num_cached_tokens", "first_token_time", "finish_time", "admit_seq",
-        "first_admit_time", "_salt", "output_token_ids",
+        "first_admit_time", "_salt", "output_token_ids", "output_limit",
     )
 
     def __init__(
@@ -92,6 +92,8 @@ class Request:
         self.prompt_token_ids = prompt_token_ids
         self.block_hashes: list[int] = list(block_hashes)
         self.stop_after_tokens = stop_after_tokens
+        # Output tokens at which it stops: max_tokens, or the simulated EOS if that comes first (executors).
+        self.output_limit = max_tokens if stop_after_tokens is None else min(max_tokens, stop_after_tokens)
         self.num_computed_tokens = 0
         self.num_output_tokens = 0
         self.output_token_ids: list[int] | None = None
@@ -120,9 +122,7 @@ class Request:
 
     def wants_stop(self) -> bool:
         """Executor-side stop check after a token was sampled: max_tokens or the simulated EOS."""
-        if self.num_output_tokens >= self.max_tokens:
-            return True
-        return self.stop_after_tokens is not None and self.num_output_tokens >= self.stop_after_tokens
+        return self.num_output_tokens >= self.output_limit
 
     def extend_block_hashes(self, block_size: int, num_tokens: int | None = None) -> None:
         """Hash the full blocks among the first ``num_tokens`` (default: all) tokens that have no hash yet.

@@ -83,7 +83,7 @@ class Scheduler:
         self.policy = policy or FcfsPolicy()
         self.pool = BlockPool(config.num_blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching)
         self.waiting: deque[Request] = deque()
-        self._running: list[Request] = []
+        self.running: list[Request] = []  # admission order (EngineView.running)
         self.requests: dict[str, Request] = {}
         self.now = 0.0
         self.block_size = config.block_size
@@ -96,10 +96,6 @@ class Scheduler:
         self._admit_seq = 0
 
     # ---- EngineView ----------------------------------------------------------------------------------
-    @property
-    def running(self) -> list[Request]:
-        return self._running
-
     @property
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks
@@ -134,7 +130,7 @@ class Scheduler:
         if request is None:
             return None
         if request.status == RequestStatus.RUNNING:
-            self._running.remove(request)
+            self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
         self.pool.free(request)
@@ -146,7 +142,7 @@ class Scheduler:
         return len(self.requests)
 
     def has_work(self) -> bool:
-        return bool(self._running or self.waiting)
+        return bool(self.running or self.waiting)
 
     # ---- one step ------------------------------------------------------------------------------------
     def schedule(self, now: float | None = None) -> SchedulerOutput:
@@ -166,7 +162,7 @@ class Scheduler:
         return min(num_new, budget)
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
-        running, pool, scheduled = self._running, self.pool, out.num_scheduled_tokens
+        running, pool, scheduled = self.running, self.pool, out.num_scheduled_tokens
         threshold = self.config.long_prefill_token_threshold
         req_blocks, bs = pool.req_blocks, self.block_size
         i = 0
@@ -245,7 +241,7 @@ class Scheduler:
         for request in order:
             if budget <= 0:
                 break
-            if len(self._running) >= self.config.max_num_seqs:
+            if len(self.running) >= self.config.max_num_seqs:
                 out.waiting_blocked = True
                 break
             if not self._try_admit(request, budget, out):
@@ -280,7 +276,7 @@ class Scheduler:
         request.status = RequestStatus.RUNNING
         request.admit_seq = self._admit_seq
         self._admit_seq += 1
-        self._running.append(request)
+        self.running.append(request)
         out.num_scheduled_tokens[request] = num_new
         out.computed_before[request] = computed
         out.admitted.append(request)
@@ -326,7 +322,7 @@ class Scheduler:
     def _finish(self, request: Request, now: float) -> None:
         request.status = RequestStatus.FINISHED
         request.finish_time = now
-        self._running.remove(request)
+        self.running.remove(request)
         # As _release, minus hashing the private blocks nobody can look up once the request is gone.
         self.pool.free_finished(request, request.num_computed_tokens)
         del self.requests[request.request_id]
@@ -348,7 +344,7 @@ class Scheduler:
         would fail (a preemption step), or — for policies whose waiting order is not stable — a block is
         allocated (memory use changes the order).
         """
-        running, scheduled = self._running, out.num_scheduled_tokens
+        running, scheduled = self.running, out.num_scheduled_tokens
         if out.preempted or out.admitted or len(scheduled) != len(running) or not running:
             return 1
         if out.waiting_blocked is False and self.waiting:
@@ -362,16 +358,55 @@ class Scheduler:
             generated = request.num_output_tokens
             if scheduled.get(request) != 1 or generated < 1:
                 return 1
-            left = request.max_tokens - generated
-            stop = request.stop_after_tokens
-            if stop is not None and stop - generated < left:
-                left = stop - generated
+            left = request.output_limit - generated
             if left < limit:
                 limit = left
             firsts.append(len(req_blocks[request.request_id]) * bs - request.num_computed_tokens)
         if limit <= 1:
             return 1
         return self._block_limit(limit, firsts)
+
+    def schedule_decode_run(self, now: float) -> tuple[int, int] | None:
+        """``schedule(now)`` and ``decode_run_limit`` of its output in one pass, for an executor's commonest
+        step: nothing waits and every running request decodes (one token to compute, all of them in budget,
+        every block they need free).
+
+        Returns (steps, context): the first step is scheduled exactly as ``schedule`` would (its slots
+        allocated in queue order, ``num_steps`` counted), ``steps`` >= 1 steps are certain to repeat it
+        (``decode_run_limit``), and ``context`` is the running requests' computed tokens before it. Apply
+        them with ``commit_decode_run(None, k, now)``. None, with nothing changed, when the case does not
+        hold: call ``schedule``.
+        """
+        running = self.running
+        if self.waiting or not running or len(running) > self.config.max_num_batched_tokens:
+            return None
+        bs, req_blocks = self.block_size, self.pool.req_blocks
+        limit = math.inf
+        context = num_crossing = 0
+        for request in running:
+            computed, generated = request.num_computed_tokens, request.num_output_tokens
+            if request.num_prompt_tokens + generated - computed != 1 or generated < 1:
+                return None
+            left = request.output_limit - generated
+            if left < limit:
+                limit = left
+            context += computed
+            if computed >= len(req_blocks[request.request_id]) * bs:
+                num_crossing += 1  # its first token needs a new block
+        if num_crossing > self.pool.num_free_blocks:
+            return None  # some allocation fails: schedule() preempts
+        # schedule()'s running loop for one token each (its fast path, else pool.allocate, which cannot fail:
+        # one block per crossing request, counted above), collecting decode_run_limit's first crossings.
+        pool, firsts = self.pool, []
+        for request in running:
+            held = req_blocks[request.request_id]
+            computed = request.num_computed_tokens
+            if request.block_hashes or computed >= len(held) * bs:
+                pool.allocate(request, 1)
+            firsts.append(len(held) * bs - computed)
+        self.now = now
+        self.num_steps += 1
+        return (1 if limit <= 1 else self._block_limit(limit, firsts)), context
 
     def _block_limit(self, limit: int, firsts: list[int]) -> int:
         """Cap ``limit`` so every block allocation inside the run succeeds (and, if unstable, at the first),
@@ -392,18 +427,17 @@ class Scheduler:
             return min(limit, crossings[free]) or 1
         return limit
 
-    def commit_decode_run(self, out: SchedulerOutput, num_steps: int, now: float) -> list[Request]:
-        """Apply ``num_steps`` decode steps (``out`` being the first) and return finished requests."""
-        if num_steps <= 1:
+    def commit_decode_run(self, out: SchedulerOutput | None, num_steps: int, now: float) -> list[Request]:
+        """Apply ``num_steps`` decode steps (``out`` being the first; None when it came from
+        ``schedule_decode_run``) and return finished requests."""
+        if num_steps <= 1 and out is not None:
             return self.update_from_output(out, now)
         self._allocate_run(num_steps)
         finished = []
-        for request in self._running:
+        for request in self.running:
             request.num_computed_tokens += num_steps
-            generated = request.num_output_tokens = request.num_output_tokens + num_steps
-            # Request.wants_stop, inlined (every request of every run)
-            stop = request.stop_after_tokens
-            if generated >= request.max_tokens or (stop is not None and generated >= stop):
+            request.num_output_tokens += num_steps
+            if request.num_output_tokens >= request.output_limit:  # Request.wants_stop, inlined
                 finished.append(request)
         self.num_steps += num_steps - 1
         self.now = now
@@ -416,7 +450,7 @@ class Scheduler:
         pool's view after ``commit_decode_run(out, num_steps, ...)``, before it happens)."""
         bs, req_blocks = self.block_size, self.pool.req_blocks
         total = 0
-        for request in self._running:  # as _allocate_run, counting only
+        for request in self.running:  # as _allocate_run, counting only
             first = len(req_blocks[request.request_id]) * bs - request.num_computed_tokens
             if first < num_steps:
                 total += (num_steps - 1 - first) // bs + 1
@@ -435,7 +469,7 @@ class Scheduler:
         req_blocks = self.pool.req_blocks
         due = []  # (first, queue index, block table, blocks over the run)
         total = 0
-        for index, request in enumerate(self._running):
+        for index, request in enumerate(self.running):
             blocks = req_blocks[request.request_id]
             first = len(blocks) * bs - request.num_computed_tokens
             if first < num_steps:

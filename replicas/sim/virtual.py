@@ -38,30 +38,6 @@ def step_cost(out: SchedulerOutput) -> tuple[int, int, int]:
     return num_tokens, attn_pairs, kv_read
 
 
-class _PendingRun:
-    """Decode steps planned but not yet applied to the engine: ``out`` is the run's first step, ``steps``
-    of them start at the replica's clock."""
-
-    __slots__ = ("out", "steps", "times", "last_start")
-
-    def __init__(self, out: SchedulerOutput, steps: int, latency: LatencyModel):
-        self.out = out
-        self.steps = steps
-        # num_seqs sequences holding `context` computed tokens before the first step
-        num_seqs, context = len(out.num_scheduled_tokens), sum(out.computed_before.values())
-        self.times = latency.decode_run_times(num_seqs, context, steps)
-        self.last_start = self.times.last_start
-
-    def cut(self, deadline: float) -> tuple[int, float]:
-        """(k, duration of k steps): the steps that start before ``deadline`` (from the run's start)."""
-        if deadline <= 0.0:
-            return 0, 0.0
-        return self.times.cut(deadline)
-
-    def duration(self) -> float:
-        return self.times.start(self.steps)
-
-
 class SimReplica:
     def __init__(self, replica_id: str, scheduler: Scheduler, latency: LatencyModel, *, jump: bool = True):
         self.replica_id = replica_id
@@ -70,11 +46,13 @@ class SimReplica:
         self.jump = jump
         self.clock = 0.0  # when the engine may start its next step (while a run is pending: the run's start)
         self.busy_time = 0.0
-        # A planned run of identical decode steps, not yet applied. It stays pending across unrelated
-        # events and is applied at its natural end (a finish, a block event) or when someone needs the
-        # engine's state (``materialize``). Read-only outside: ``advance_to(t)`` does nothing while
+        # A planned run of identical pure-decode steps (its step start times from the clock), not yet
+        # applied. It stays pending across unrelated events and is applied at its natural end (a finish, a
+        # block event) or when someone needs the engine's state (``materialize``). Every step of a run
+        # decodes one token of every running request, so applying k of them is
+        # ``commit_decode_run(None, k)``. Read-only outside: ``advance_to(t)`` does nothing while
         # ``pending.last_start >= t - clock`` (a cluster can skip the call).
-        self.pending: _PendingRun | None = None
+        self.pending: DecodeRunTimes | None = None
 
     def add_request(self, request: Request, now: float) -> list[Request]:
         """Queue a request arriving at ``now``; returns requests that finished while catching up to it."""
@@ -98,16 +76,21 @@ class SimReplica:
         while True:
             run = self.pending
             if run is not None:
-                # t - clock is the deadline from the current part's start; its last step starts at last_start.
+                # t - clock is the deadline from the run's start; its last step starts at last_start.
                 if run.last_start >= t - self.clock:
                     return finished
                 self.pending = None
-                finished.extend(self._commit(run.out, run.steps, run.duration()))
+                finished.extend(self._commit(None, run.steps, run.start(run.steps)))
                 continue
-            if not (self.clock < t and sched.has_work()):
+            if not (self.clock < t and (sched.running or sched.waiting)):  # (has_work, inlined)
                 return finished
+            if self.jump and not sched.waiting:
+                planned = sched.schedule_decode_run(self.clock)
+                if planned is not None:  # the common step: a pure decode run, planned in one call
+                    self._plan_decode(*planned, finished)
+                    continue
             out = sched.schedule(self.clock)
-            if out.is_empty and not out.preempted:
+            if not out.num_scheduled_tokens and not out.preempted:
                 # Nothing can run until something external changes (cannot happen with the shipped
                 # policies, which always admit into an empty engine); wait for the next event.
                 self.clock = t
@@ -120,9 +103,10 @@ class SimReplica:
         run = self.pending
         if run is not None:
             self.pending = None
-            k, dt = run.cut(t - self.clock)
-            if k:
-                finished.extend(self._commit(run.out, k, dt))
+            deadline = t - self.clock
+            if deadline > 0.0:
+                k, dt = run.cut(deadline)  # k >= 1
+                finished.extend(self._commit(None, k, dt))
         return finished
 
     def stats(self, now: float, estimator: Any) -> dict[str, Any]:
@@ -142,7 +126,8 @@ class SimReplica:
         if run is None:
             return engine_stats(self.scheduler, estimator, now=now, latency=self.latency)
         # k < run.steps: advance_to(now) applied the run if all its steps start before now
-        k = run.cut(now - self.clock)[0]
+        deadline = now - self.clock
+        k = run.cut(deadline)[0] if deadline > 0.0 else 0
         blocks = self.scheduler.decode_run_blocks(k) if k else 0
         return engine_stats(self.scheduler, estimator, now=now, latency=self.latency,
                             pending_steps=k, pending_blocks=blocks)
@@ -159,15 +144,26 @@ class SimReplica:
             if stable < math.inf:
                 steps = self._run_time(out, steps, stable - self.clock)[0] or 1
         if steps > 1:
-            self.pending = _PendingRun(out, steps, self.latency)
+            self.pending = self.latency.decode_run_times(len(out.num_scheduled_tokens),
+                                                         sum(out.computed_before.values()), steps)
             return
         finished.extend(self._commit(out, 1, self.latency.step_time(*step_cost(out))))
+
+    def _plan_decode(self, steps: int, context: int, finished: list[Request]) -> None:
+        """As ``_plan`` for a step from ``schedule_decode_run``: every running request decodes one token."""
+        num_seqs = len(self.scheduler.running)
+        if steps > 1:
+            self.pending = self.latency.decode_run_times(num_seqs, context, steps)
+            return
+        # step_cost of that step: n = 1 per sequence, so pairs = kv read = context + num_seqs
+        after = context + num_seqs
+        finished.extend(self._commit(None, 1, self.latency.step_time(num_seqs, after, after)))
 
     def _run_time(self, out: SchedulerOutput, steps: int, deadline: float) -> tuple[int, float]:
         return self.latency.decode_run(len(out.num_scheduled_tokens), sum(out.computed_before.values()),
                                        steps, deadline)
 
-    def _commit(self, out: SchedulerOutput, steps: int, dt: float) -> list[Request]:
+    def _commit(self, out: SchedulerOutput | None, steps: int, dt: float) -> list[Request]:
         end = self.clock + dt
         self.busy_time += dt
         self.clock = end
