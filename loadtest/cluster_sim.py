@@ -120,7 +120,8 @@ class ClusterSim:
         self.by_id = {r.replica_id: r for r in self.replicas}
         self.estimators = {r.replica_id: OutputLengthEstimator() for r in self.replicas}
         self.routers = [_Router(cfg, i) for i in range(cfg.num_routers)]
-        self.published: dict[str, dict] = {}
+        # (replica id, its last published stats) per replica, in replica order: what routers snapshot
+        self.published: list[tuple[str, dict | None]] = [(r.replica_id, None) for r in self.replicas]
         self.owner: dict[str, _Router] = {}  # request id -> router that routed it
         self.records: dict[str, RequestRecord] = {}
         self.num_rejected = 0
@@ -138,8 +139,8 @@ class ClusterSim:
 
     def publish(self, now: float) -> None:
         """Every replica's stats as of ``now``; the replicas have been advanced to ``now`` (advance_all)."""
-        for rep in self.replicas:
-            self.published[rep.replica_id] = rep.stats(now, self.estimators[rep.replica_id])
+        estimators = self.estimators
+        self.published = [(rep.replica_id, rep.stats(now, estimators[rep.replica_id])) for rep in self.replicas]
 
     def advance_all(self, t: float) -> None:
         for rep in self.replicas:
@@ -166,8 +167,7 @@ class ClusterSim:
         if self.cfg.stats_period_s == 0:
             self.publish(t)
         view = self.request_view(tr)
-        snapshot, published = router.accounting.snapshot, self.published
-        snapshots = [snapshot(replica_id, published.get(replica_id)) for replica_id in self.by_id]
+        snapshots = router.accounting.snapshots(self.published)
         tiers = router.policy.choose(view, snapshots, now=t, rng=router.rng)
         replica_id = tiers[0][0] if tiers and tiers[0] else self.replicas[0].replica_id
         prompt_tokens = router.uncached_prompt(view, replica_id)

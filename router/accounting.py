@@ -19,7 +19,7 @@ import operator
 from collections import deque
 from dataclasses import dataclass
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Iterable
 
 from router.types import ReplicaSnapshot
 
@@ -153,31 +153,41 @@ class RouterAccounting:
         return len(self._routed.get(replica_id, ()))
 
     def snapshot(self, replica_id: str, stats: Mapping[str, Any] | None) -> ReplicaSnapshot:
-        last = self._last.get(replica_id)
-        if last is not None and last[0] is stats:
-            return last[1]
-        queue = self._routed.get(replica_id, ())
-        cached = self._parsed.get(replica_id)
-        # Stats change every period while snapshots are taken per request: parse each published dict once.
-        if cached is not None and cached[0] is stats:
-            published = cached[1]
-        else:
-            published = _published_values(stats)
-            self._parsed[replica_id] = (stats, published)
-        if published is None:
-            snap = ReplicaSnapshot(replica_id=replica_id, stats_known=False, local_outstanding=len(queue))
-        else:
-            since = published[_STATS_TIME]
-            n = prompt = 0
-            decode = 0.0
-            # Newest first: stop at the first request the stats already include (often the newest one).
-            for item in (reversed(queue) if queue and queue[-1].routed_time >= since else ()):
-                if item.routed_time < since:
-                    break
-                n += 1
-                prompt += item.prompt_tokens
-                decode += item.decode_tokens
-            # tuple.__new__: the named tuple's own __new__ is a Python function around exactly this call
-            snap = _new_snapshot(ReplicaSnapshot, (replica_id, *published, True, len(queue), n, prompt, decode))
-        self._last[replica_id] = (stats, snap)
-        return snap
+        """This router's view of one replica whose last published stats are ``stats``."""
+        return self.snapshots(((replica_id, stats),))[0]
+
+    def snapshots(self, published: Iterable[tuple[str, Mapping[str, Any] | None]]) -> list[ReplicaSnapshot]:
+        """``snapshot`` of every (replica id, stats) pair, in order (one call per routing decision)."""
+        out = []
+        last_of, parsed_of, routed = self._last, self._parsed, self._routed
+        for replica_id, stats in published:
+            last = last_of.get(replica_id)
+            if last is not None and last[0] is stats:
+                out.append(last[1])
+                continue
+            queue = routed.get(replica_id, ())
+            cached = parsed_of.get(replica_id)
+            # Stats change every period while snapshots are taken per request: parse each published dict once.
+            if cached is not None and cached[0] is stats:
+                values = cached[1]
+            else:
+                values = _published_values(stats)
+                parsed_of[replica_id] = (stats, values)
+            if values is None:
+                snap = ReplicaSnapshot(replica_id=replica_id, stats_known=False, local_outstanding=len(queue))
+            else:
+                since = values[_STATS_TIME]
+                n = prompt = 0
+                decode = 0.0
+                # Newest first: stop at the first request the stats already include (often the newest one).
+                for item in (reversed(queue) if queue and queue[-1].routed_time >= since else ()):
+                    if item.routed_time < since:
+                        break
+                    n += 1
+                    prompt += item.prompt_tokens
+                    decode += item.decode_tokens
+                # tuple.__new__: the named tuple's own __new__ is a Python function around exactly this call
+                snap = _new_snapshot(ReplicaSnapshot, (replica_id, *values, True, len(queue), n, prompt, decode))
+            last_of[replica_id] = (stats, snap)
+            out.append(snap)
+        return out

@@ -203,22 +203,19 @@ class BlockPool:
             return []
         self._num_free -= n
         empty = self._empty
-        if n <= len(empty):  # the common case: blocks that never held anything, or held nothing cached
+        if n <= len(empty):  # blocks that never held anything, or held nothing cached
             out = empty[-n:]
             del empty[-n:]
             out.reverse()
             return out
         out = empty[::-1]
         empty.clear()
-        self._take_lru(out, n - len(out))
-        return out
-
-    def _take_lru(self, out: list[int], n: int) -> None:
-        """Move ``n`` blocks from the LRU part's head to ``out``, evicting what they hold."""
+        n -= len(out)
+        # Then the LRU part's head, evicting what it holds.
         lru = self._lru
         while n > 0:
             entry = next(iter(lru))
-            if isinstance(entry, _Run):
+            if type(entry) is _Run:
                 blocks = entry.blocks
                 if len(blocks) <= n:
                     del lru[entry]
@@ -229,12 +226,13 @@ class BlockPool:
                     out += blocks[:n]
                     del blocks[:n]
                     self.num_evictions += n
-                    return
+                    return out
             else:
                 del lru[entry]
                 self._evict(entry)
                 out.append(entry)
                 n -= 1
+        return out
 
     def cache_blocks(self, request: Request, num_tokens: int) -> None:
         """Register the request's full blocks among its first ``num_tokens`` tokens under their hashes."""

@@ -80,14 +80,23 @@ class SimReplica:
                 if run.last_start >= t - self.clock:
                     return finished
                 self.pending = None
-                finished.extend(self._commit(None, run.steps, run.start(run.steps)))
+                # _commit(None, run.steps, duration), inlined with the same arithmetic: the hot path
+                dt = run.start(run.steps)
+                end = self.clock + dt
+                self.busy_time += dt
+                self.clock = end
+                finished += sched.commit_decode_run(None, run.steps, end)
                 continue
             if not (self.clock < t and (sched.running or sched.waiting)):  # (has_work, inlined)
                 return finished
             if self.jump and not sched.waiting:
                 planned = sched.schedule_decode_run(self.clock)
                 if planned is not None:  # the common step: a pure decode run, planned in one call
-                    self._plan_decode(*planned, finished)
+                    steps, context = planned
+                    if steps > 1:
+                        self.pending = self.latency.decode_run_times(len(sched.running), context, steps)
+                    else:
+                        self._decode_step(context, finished)
                     continue
             out = sched.schedule(self.clock)
             if not out.num_scheduled_tokens and not out.preempted:
@@ -149,12 +158,9 @@ class SimReplica:
             return
         finished.extend(self._commit(out, 1, self.latency.step_time(*step_cost(out))))
 
-    def _plan_decode(self, steps: int, context: int, finished: list[Request]) -> None:
-        """As ``_plan`` for a step from ``schedule_decode_run``: every running request decodes one token."""
+    def _decode_step(self, context: int, finished: list[Request]) -> None:
+        """Apply a single step from ``schedule_decode_run``: every running request decodes one token."""
         num_seqs = len(self.scheduler.running)
-        if steps > 1:
-            self.pending = self.latency.decode_run_times(num_seqs, context, steps)
-            return
         # step_cost of that step: n = 1 per sequence, so pairs = kv read = context + num_seqs
         after = context + num_seqs
         finished.extend(self._commit(None, 1, self.latency.step_time(num_seqs, after, after)))
