@@ -133,7 +133,6 @@ class ClusterSim:
                        priority=tr.priority, block_hashes=hashes)
 
     def request_view(self, tr: TraceRequest) -> RequestView:
-        # Positional: a frozen dataclass built by keyword costs several times as much (once per request).
         return RequestView(tr.request_id, tr.num_prompt_tokens, tr.num_output_tokens, tr.arrival_s,
                            tuple(tr.hash_ids), self.cfg.prefix_block_size)
 

@@ -73,7 +73,7 @@ class BlockPool:
         # Free, with content; oldest first. OrderedDict, not dict: finding a plain dict's first key gets slow
         # once many keys were deleted from its front.
         self._lru: OrderedDict[int | _Run, None] = OrderedDict()
-        self._num_free = num_blocks
+        self.num_free_blocks = num_blocks  # read-only outside
         self.cached: dict[int, int] = {}  # block hash -> the block a lookup returns
         # Further blocks holding the same content (a request computing its own copy, e.g. past the hit cap).
         # As in vLLM they stay findable: when the returned copy is evicted, another one takes its place.
@@ -84,12 +84,8 @@ class BlockPool:
 
     # ---- queries -------------------------------------------------------------------------------------
     @property
-    def num_free_blocks(self) -> int:
-        return self._num_free
-
-    @property
     def usage(self) -> float:
-        return 1.0 - self._num_free / self.num_blocks
+        return 1.0 - self.num_free_blocks / self.num_blocks
 
     @property
     def free_queue(self) -> list[int]:
@@ -173,14 +169,14 @@ class BlockPool:
             # Fast path (most decode steps): the request's last block still has room.
             held = self.req_blocks.get(request.request_id)
             if held is not None and total <= len(held) * bs:
-                if reserve > self._num_free:
+                if reserve > self.num_free_blocks:
                     return None
                 if request.block_hashes:  # else there is nothing to register
                     self._register_full_blocks(request, min(total, request.num_tokens))
                 return 0
         if needed is None:
             needed = self.blocks_needed(request, total, hit_blocks)
-        if needed + reserve > self._num_free:
+        if needed + reserve > self.num_free_blocks:
             return None
         blocks = self.req_blocks.setdefault(request.request_id, [])
         if hit_blocks:
@@ -201,27 +197,29 @@ class BlockPool:
         cached content, if any, is evicted. Returned in queue order; the caller hands them to requests."""
         if n <= 0:
             return []
-        self._num_free -= n
+        self.num_free_blocks -= n
         empty = self._empty
-        if n <= len(empty):  # blocks that never held anything, or held nothing cached
+        num_empty = len(empty)
+        if n <= num_empty:  # blocks that never held anything, or held nothing cached
             out = empty[-n:]
             del empty[-n:]
             out.reverse()
             return out
         out = empty[::-1]
         empty.clear()
-        n -= len(out)
+        n -= num_empty
         # Then the LRU part's head, evicting what it holds.
         lru = self._lru
         while n > 0:
             entry = next(iter(lru))
             if type(entry) is _Run:
                 blocks = entry.blocks
-                if len(blocks) <= n:
+                size = len(blocks)
+                if size <= n:
                     del lru[entry]
                     out += blocks
-                    n -= len(blocks)
-                    self.num_evictions += len(blocks)
+                    n -= size
+                    self.num_evictions += size
                 else:  # take the run's first n blocks; the rest keeps its place at the head
                     out += blocks[:n]
                     del blocks[:n]
@@ -272,11 +270,11 @@ class BlockPool:
         # Tail first, as free() walks: the partial last block (no content) to the head, the private full
         # blocks to the tail as one run, then the registered ones.
         self._empty += blocks[full:]
-        self._num_free += len(blocks) - full
+        self.num_free_blocks += len(blocks) - full
         run = blocks[num_hashed:full]
         run.reverse()
         self._lru[_Run(run)] = None
-        self._num_free += len(run)
+        self.num_free_blocks += len(run)
         if num_hashed:
             self._release(blocks[:num_hashed])
 
@@ -290,11 +288,11 @@ class BlockPool:
             ref[blk] -= 1
             if ref[blk] == 0:
                 lru[blk] = None
-                self._num_free += 1
+                self.num_free_blocks += 1
         # vLLM prepends them one by one in block order: the last one ends up at the head.
         evict_first.reverse()
         self._empty += evict_first
-        self._num_free += len(evict_first)
+        self.num_free_blocks += len(evict_first)
 
     # ---- internals -----------------------------------------------------------------------------------
     def _touch(self, hit_blocks: Sequence[int], blocks: list[int]) -> None:
@@ -302,7 +300,7 @@ class BlockPool:
         for blk in hit_blocks:
             if ref[blk] == 0:
                 del lru[blk]
-                self._num_free -= 1
+                self.num_free_blocks -= 1
             ref[blk] += 1
             blocks.append(blk)
 
@@ -359,7 +357,7 @@ class BlockPool:
         queue = self.free_queue
         free = set(queue)
         assert len(free) == len(queue), "a block is in the free queue twice"
-        assert len(queue) == self._num_free, "free count out of date"
+        assert len(queue) == self.num_free_blocks, "free count out of date"
         assert not free & owned.keys(), "a held block is in the free queue"
         assert len(free) + len(owned) == self.num_blocks, "blocks not conserved"
         for blk in self._empty:

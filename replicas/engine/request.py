@@ -65,7 +65,7 @@ class Request:
         "request_id", "num_prompt_tokens", "max_tokens", "arrival_time", "priority", "prompt_token_ids",
         "block_hashes", "stop_after_tokens", "num_computed_tokens", "num_output_tokens", "status",
         "num_preemptions", "num_cached_tokens", "first_token_time", "finish_time", "admit_seq",
-        "first_admit_time", "_salt", "output_token_ids", "output_limit",
+        "first_admit_time", "output_token_ids", "output_limit",
     )
 
     def __init__(
@@ -104,8 +104,6 @@ class Request:
         self.finish_time: float | None = None
         self.first_admit_time: float | None = None
         self.admit_seq = -1  # admission order, for "last admitted" victims
-        # crc32, not hash(): str hashes change between processes and runs must be reproducible.
-        self._salt = zlib.crc32(request_id.encode()) | (1 << 40)
 
     @property
     def num_tokens(self) -> int:
@@ -137,7 +135,8 @@ class Request:
         if len(hashes) >= full:
             return
         parent = hashes[-1] if hashes else 0
-        salt = self._salt
+        # crc32, not hash(): str hashes change between processes and runs must be reproducible.
+        salt = zlib.crc32(self.request_id.encode()) | (1 << 40)
         for j in range(len(hashes), full):
             parent = hash((parent, salt, j))
             hashes.append(parent)

@@ -313,7 +313,7 @@ class Scheduler:
             request.num_output_tokens += 1
             if request.first_token_time is None:
                 request.first_token_time = now
-            if request.wants_stop():
+            if request.num_output_tokens >= request.output_limit:  # Request.wants_stop, inlined
                 finished.append(request)
         for request in finished:
             self._finish(request, now)
@@ -383,6 +383,8 @@ class Scheduler:
         bs, req_blocks = self.block_size, self.pool.req_blocks
         limit = math.inf
         context = num_crossing = 0
+        tables, firsts = [], []  # per request: its block table; slots held minus computed tokens
+        registering = False
         for request in running:
             computed, generated = request.num_computed_tokens, request.num_output_tokens
             if request.num_prompt_tokens + generated - computed != 1 or generated < 1:
@@ -391,19 +393,24 @@ class Scheduler:
             if left < limit:
                 limit = left
             context += computed
-            if computed >= len(req_blocks[request.request_id]) * bs:
-                num_crossing += 1  # its first token needs a new block
-        if num_crossing > self.pool.num_free_blocks:
-            return None  # some allocation fails: schedule() preempts
-        # schedule()'s running loop for one token each (its fast path, else pool.allocate, which cannot fail:
-        # one block per crossing request, counted above), collecting decode_run_limit's first crossings.
-        pool, firsts = self.pool, []
-        for request in running:
             held = req_blocks[request.request_id]
-            computed = request.num_computed_tokens
-            if request.block_hashes or computed >= len(held) * bs:
-                pool.allocate(request, 1)
-            firsts.append(len(held) * bs - computed)
+            first = len(held) * bs - computed
+            if first <= 0:
+                num_crossing += 1  # its first token needs a new block
+            if request.block_hashes:
+                registering = True
+            tables.append(held)
+            firsts.append(first)
+        if num_crossing or registering:
+            pool = self.pool
+            if num_crossing > pool.num_free_blocks:
+                return None  # some allocation fails: schedule() preempts
+            # schedule()'s running loop for one token each: its fast path, else pool.allocate (which cannot
+            # fail: one block per crossing request, counted above), in queue order.
+            for i, request in enumerate(running):
+                if request.block_hashes or firsts[i] <= 0:
+                    pool.allocate(request, 1)
+                    firsts[i] = len(tables[i]) * bs - request.num_computed_tokens
         self.now = now
         self.num_steps += 1
         return (1 if limit <= 1 else self._block_limit(limit, firsts)), context

@@ -188,7 +188,12 @@ class DecodeRunTimes:
 
     def __init__(self, steps: int, split: int, a1: float, b1: float, a2: float, b2: float):
         self.steps, self.split, self.a1, self.b1, self.a2, self.b2 = steps, split, a1, b1, a2, b2
-        self.last_start = _prefix(steps - 1, split, a1, b1, a2, b2)  # asked of every run, often repeatedly
+        # start(steps - 1), asked of every run, often repeatedly; _prefix written out for one line
+        j = steps - 1
+        if j <= split:
+            self.last_start = j * a1 + b1 * (j - 1) * j * 0.5 if j > 0 else 0.0
+        else:
+            self.last_start = _prefix(j, split, a1, b1, a2, b2)
 
     def start(self, j: int) -> float:
         """Start of step j (0 <= j <= steps; ``start(steps)`` is the run's duration)."""

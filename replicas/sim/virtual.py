@@ -146,7 +146,8 @@ class SimReplica:
 
     def _plan(self, out: SchedulerOutput, finished: list[Request]) -> None:
         sched = self.scheduler
-        steps = sched.decode_run_limit(out) if self.jump else 1
+        # (an admission step is never a run: skip asking)
+        steps = sched.decode_run_limit(out) if self.jump and not out.admitted else 1
         if steps > 1 and sched.waiting:
             # Time alone may change a policy's waiting order (aging bounds): end the run there.
             stable = sched.policy_order_stable_until()
@@ -156,7 +157,12 @@ class SimReplica:
             self.pending = self.latency.decode_run_times(len(out.num_scheduled_tokens),
                                                          sum(out.computed_before.values()), steps)
             return
-        finished.extend(self._commit(out, 1, self.latency.step_time(*step_cost(out))))
+        # _commit(out, 1, step time), inlined: one step is an update_from_output
+        dt = self.latency.step_time(*step_cost(out))
+        end = self.clock + dt
+        self.busy_time += dt
+        self.clock = end
+        finished += sched.update_from_output(out, end)
 
     def _decode_step(self, context: int, finished: list[Request]) -> None:
         """Apply a single step from ``schedule_decode_run``: every running request decodes one token."""

@@ -172,8 +172,11 @@ class SalPolicy:
                     score += load  # penalty: wait behind the whole queue ahead
             known.append((score, misfit, rnd(), r.replica_id))
         known.sort()
-        unknown.sort()
-        return [[k[3]] for k in known] + [[u[2]] for u in unknown]
+        tiers = [[k[3]] for k in known]
+        if unknown:
+            unknown.sort()
+            tiers += [[u[2]] for u in unknown]
+        return tiers
 
     def on_routed(self, request: RequestView, replica_id: str, *, now: float) -> None:
         if self.params.use_prefix_credit:
