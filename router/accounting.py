@@ -180,12 +180,13 @@ class RouterAccounting:
                 n = prompt = 0
                 decode = 0.0
                 # Newest first: stop at the first request the stats already include (often the newest one).
-                for item in (reversed(queue) if queue and queue[-1].routed_time >= since else ()):
-                    if item.routed_time < since:
-                        break
-                    n += 1
-                    prompt += item.prompt_tokens
-                    decode += item.decode_tokens
+                if queue and queue[-1].routed_time >= since:
+                    for item in reversed(queue):
+                        if item.routed_time < since:
+                            break
+                        n += 1
+                        prompt += item.prompt_tokens
+                        decode += item.decode_tokens
                 # tuple.__new__: the named tuple's own __new__ is a Python function around exactly this call
                 snap = _new_snapshot(ReplicaSnapshot, (replica_id, *values, True, len(queue), n, prompt, decode))
             last_of[replica_id] = (stats, snap)

@@ -485,6 +485,9 @@ class Scheduler:
                 total += count
         if not due:
             return
+        if len(due) == 1:  # one request takes blocks (common at small batches): all of them, in order
+            due[0][2].extend(self.pool.take(total))
+            return
         due.sort()
         taken = self.pool.take(total)
         # Every first step lies within one block_size, so all of them take part in the first `rounds` rounds

@@ -46,7 +46,7 @@ def engine_stats(
         waiting_tokens += r.num_tokens - r.num_computed_tokens - hits
         decode_left += remaining(r.max_tokens, r.num_output_tokens)
     for r in scheduler.running:
-        left = r.num_tokens - r.num_computed_tokens  # a decode step adds to both
+        left = r.num_prompt_tokens + r.num_output_tokens - r.num_computed_tokens  # a decode step adds to both
         if left > 1:
             waiting_tokens += left
         decode_left += remaining(r.max_tokens, r.num_output_tokens + pending_steps)

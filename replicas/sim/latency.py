@@ -181,6 +181,39 @@ def _first_reaching(deadline: float, j0: int, s0: float, a: float, b: float) -> 
     return j0 + math.ceil(2.0 * rest / (p + math.sqrt(p * p + 2.0 * b * rest)))
 
 
+def _deadline_steps(
+    deadline: float, split: int, a1: float, b1: float, a2: float, b2: float, last: int
+) -> tuple[int, float]:
+    """Smallest j in [1, last] whose start time is >= deadline (given that start(last) >= deadline),
+    and that start time."""
+    if split >= last:
+        # One line (decode runs are memory-bound throughout): the general code below with _prefix and
+        # _first_reaching(deadline, 0, 0.0, a1, b1) written out, the same operations in the same order.
+        p = a1 - 0.5 * b1
+        j = math.ceil(2.0 * deadline / (p + math.sqrt(p * p + 2.0 * b1 * deadline)))
+        j = 1 if j < 1 else (last if j > last else j)
+        while j > 1 and (j - 1) * a1 + b1 * (j - 2) * (j - 1) * 0.5 >= deadline:
+            j -= 1
+        while True:
+            start = j * a1 + b1 * (j - 1) * j * 0.5
+            if start >= deadline:
+                return j, start
+            j += 1
+    at_split = _prefix(split, split, a1, b1, a2, b2) if split < last else deadline
+    if at_split < deadline:
+        j = _first_reaching(deadline, split, at_split, a2, b2)
+    else:
+        j = _first_reaching(deadline, 0, 0.0, a1, b1)
+    j = min(max(j, 1), last)
+    while j > 1 and _prefix(j - 1, split, a1, b1, a2, b2) >= deadline:  # rounding fix-ups: +-1 step
+        j -= 1
+    while True:
+        start = _prefix(j, split, a1, b1, a2, b2)
+        if start >= deadline:
+            return j, start
+        j += 1
+
+
 class DecodeRunTimes:
     """Start times, from the run's start, of the steps of one decode run: ``LatencyModel.decode_run``'s lines."""
 
@@ -204,7 +237,7 @@ class DecodeRunTimes:
         0), and how long they take."""
         k = self.steps
         if deadline != math.inf and self.last_start >= deadline:
-            return LatencyModel._deadline_steps(deadline, self.split, self.a1, self.b1, self.a2, self.b2, k - 1)
+            return _deadline_steps(deadline, self.split, self.a1, self.b1, self.a2, self.b2, k - 1)
         return k, self.start(k)
 
 
@@ -319,39 +352,6 @@ class LatencyModel:
         cross = (a1 - a2) / (b2 - b1)  # line 2 is larger for i > cross
         split = num_steps if cross >= num_steps else math.floor(cross) + 1
         return DecodeRunTimes(num_steps, split, a1, b1, a2, b2)
-
-    @staticmethod
-    def _deadline_steps(
-        deadline: float, split: int, a1: float, b1: float, a2: float, b2: float, last: int
-    ) -> tuple[int, float]:
-        """Smallest j in [1, last] whose start time is >= deadline (given that start(last) >= deadline),
-        and that start time."""
-        if split >= last:
-            # One line (decode runs are memory-bound throughout): the general code below with _prefix and
-            # _first_reaching(deadline, 0, 0.0, a1, b1) written out, the same operations in the same order.
-            p = a1 - 0.5 * b1
-            j = math.ceil(2.0 * deadline / (p + math.sqrt(p * p + 2.0 * b1 * deadline)))
-            j = min(max(j, 1), last)
-            while j > 1 and (j - 1) * a1 + b1 * (j - 2) * (j - 1) * 0.5 >= deadline:
-                j -= 1
-            while True:
-                start = j * a1 + b1 * (j - 1) * j * 0.5
-                if start >= deadline:
-                    return j, start
-                j += 1
-        at_split = _prefix(split, split, a1, b1, a2, b2) if split < last else deadline
-        if at_split < deadline:
-            j = _first_reaching(deadline, split, at_split, a2, b2)
-        else:
-            j = _first_reaching(deadline, 0, 0.0, a1, b1)
-        j = min(max(j, 1), last)
-        while j > 1 and _prefix(j - 1, split, a1, b1, a2, b2) >= deadline:  # rounding fix-ups: +-1 step
-            j -= 1
-        while True:
-            start = _prefix(j, split, a1, b1, a2, b2)
-            if start >= deadline:
-                return j, start
-            j += 1
 
     def decode_cost_ratio(self, batch_size: int, mean_context: float) -> float:
         """(decode step at batch B, context c per sequence) / B, over the per-token time of a 1024-token prefill.
