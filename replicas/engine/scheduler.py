@@ -452,17 +452,6 @@ class Scheduler:
             self._finish(request, now)
         return finished
 
-    def decode_run_blocks(self, num_steps: int) -> int:
-        """Blocks that steps 1..num_steps-1 of the decode run started by the last ``schedule`` take (the
-        pool's view after ``commit_decode_run(out, num_steps, ...)``, before it happens)."""
-        bs, req_blocks = self.block_size, self.pool.req_blocks
-        total = 0
-        for request in self.running:  # as _allocate_run, counting only
-            first = len(req_blocks[request.request_id]) * bs - request.num_computed_tokens
-            if first < num_steps:
-                total += (num_steps - 1 - first) // bs + 1
-        return total
-
     def _allocate_run(self, num_steps: int) -> None:
         """Allocate blocks for steps 1..num_steps-1 in exactly the order stepping would (step, then queue).
 

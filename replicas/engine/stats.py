@@ -29,13 +29,13 @@ STATS_KEYS = (
 
 def engine_stats(
     scheduler: Scheduler, estimator: OutputLengthEstimator, *, now: float, latency: Any = None,
-    pending_steps: int = 0, pending_blocks: int = 0,
+    pending_steps: int = 0,
 ) -> dict[str, Any]:
-    """The stats dict. ``pending_steps`` decode steps of every running request, taking ``pending_blocks``
-    blocks, that an executor has run but not yet applied to the scheduler count as applied (the virtual-time
-    replica's pending run; nothing may be waiting then)."""
+    """The stats dict. ``pending_steps`` decode steps of every running request that an executor has run but
+    not yet applied to the scheduler count as applied, the blocks they take included (the virtual-time
+    replica's pending run, whose first step ``schedule`` allocated; nothing may be waiting then)."""
     assert not (pending_steps and scheduler.waiting), "pending decode steps with requests waiting"
-    waiting_tokens = 0
+    waiting_tokens = pending_blocks = 0
     decode_left = 0.0
     context = 0
     remaining = estimator.expected_remaining
@@ -51,6 +51,11 @@ def engine_stats(
             waiting_tokens += left
         decode_left += remaining(r.max_tokens, r.num_output_tokens + pending_steps)
         context += r.num_computed_tokens + pending_steps
+        if pending_steps:
+            # as Scheduler._allocate_run, counting only: step i (0 = allocated) needs slot c + i + 1
+            first = len(pool.req_blocks[r.request_id]) * bs - r.num_computed_tokens
+            if first < pending_steps:
+                pending_blocks += (pending_steps - 1 - first) // bs + 1
     num_running = len(scheduler.running)
     ratio = 1.0
     if latency is not None:

@@ -57,7 +57,7 @@ class SimReplica:
     def add_request(self, request: Request, now: float) -> list[Request]:
         """Queue a request arriving at ``now``; returns requests that finished while catching up to it."""
         finished = self.materialize(now)
-        if not self.scheduler.has_work():
+        if not (self.scheduler.running or self.scheduler.waiting):  # (not has_work(), inlined)
             # An idle engine starts the next step when work arrives.
             self.clock = max(self.clock, now)
         self.scheduler.add_request(request)
@@ -137,9 +137,7 @@ class SimReplica:
         # k < run.steps: advance_to(now) applied the run if all its steps start before now
         deadline = now - self.clock
         k = run.cut(deadline)[0] if deadline > 0.0 else 0
-        blocks = self.scheduler.decode_run_blocks(k) if k else 0
-        return engine_stats(self.scheduler, estimator, now=now, latency=self.latency,
-                            pending_steps=k, pending_blocks=blocks)
+        return engine_stats(self.scheduler, estimator, now=now, latency=self.latency, pending_steps=k)
 
     def run_until_idle(self) -> list[Request]:
         return self.advance_to(math.inf)
