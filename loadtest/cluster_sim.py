@@ -87,6 +87,9 @@ def vllm_engine_defaults(latency: LatencyModel) -> tuple[int, int]:
     return 2048, 256
 
 
+_new_view = tuple.__new__  # RequestView positionally, without the named tuple's Python-level __new__
+
+
 class _Router:
     def __init__(self, cfg: ClusterConfig, index: int):
         self.policy = make_policy(cfg.router, cfg.router_params)
@@ -133,8 +136,8 @@ class ClusterSim:
                        priority=tr.priority, block_hashes=hashes)
 
     def request_view(self, tr: TraceRequest) -> RequestView:
-        return RequestView(tr.request_id, tr.num_prompt_tokens, tr.num_output_tokens, tr.arrival_s,
-                           tuple(tr.hash_ids), self.cfg.prefix_block_size)
+        return _new_view(RequestView, (tr.request_id, tr.num_prompt_tokens, tr.num_output_tokens, tr.arrival_s,
+                                       tuple(tr.hash_ids), self.cfg.prefix_block_size))
 
     def publish(self, now: float) -> None:
         """Every replica's stats as of ``now``; the replicas have been advanced to ``now`` (advance_all)."""

@@ -111,12 +111,13 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
-        if request.num_total_tokens_max > self.max_model_len:
+        total = request.num_prompt_tokens + request.max_tokens  # (num_total_tokens_max)
+        if total > self.max_model_len:
             raise ValueError(
                 f"request {request.request_id}: prompt {request.num_prompt_tokens} + max_tokens "
                 f"{request.max_tokens} exceeds max_model_len {self.max_model_len}"
             )
-        if cdiv(request.num_total_tokens_max, self.block_size) > self.num_total_blocks:
+        if -(-total // self.block_size) > self.num_total_blocks:  # (cdiv)
             raise ValueError(f"request {request.request_id} can never fit in {self.num_total_blocks} KV blocks")
         if not request.block_hashes and request.prompt_token_ids is not None and self.config.enable_prefix_caching:
             request.block_hashes = hash_token_blocks(request.prompt_token_ids, self.block_size)

@@ -66,7 +66,7 @@ def engine_stats(
         "num_waiting": len(scheduler.waiting),
         "num_waiting_prompt_tokens": waiting_tokens,
         "num_decode_tokens_remaining": decode_left,
-        "num_free_blocks": scheduler.num_free_blocks - pending_blocks,
+        "num_free_blocks": pool.num_free_blocks - pending_blocks,
         "num_total_blocks": scheduler.num_total_blocks,
         "block_size": scheduler.block_size,
         "decode_cost_ratio": ratio,

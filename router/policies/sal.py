@@ -156,13 +156,13 @@ class SalPolicy:
             wd = r.decode_cost_ratio if fixed_wd is None else fixed_wd
             load = waiting + wd * (r.num_decode_tokens_remaining + r.delta_decode_tokens)
             cost = prompt
-            credit = 0
+            score = load + cost
             if matched:
                 blocks = matched.get(r.replica_id, 0)
                 if blocks >= floor:
                     credit = min(blocks * block_tokens, max_credit)
                     cost = prompt - credit
-            score = load + cost - extra_credit * credit
+                    score = load + cost - extra_credit * credit
             misfit = False
             bs = r.block_size
             if kv and r.num_total_blocks > 0 and bs > 0:
@@ -179,7 +179,7 @@ class SalPolicy:
         return tiers
 
     def on_routed(self, request: RequestView, replica_id: str, *, now: float) -> None:
-        if self.params.use_prefix_credit:
+        if self.params.use_prefix_credit and request.prefix_hashes:
             self.index.insert(request.prefix_hashes, replica_id)
 
     def on_finished(self, completion: Completion) -> None:
