@@ -391,7 +391,7 @@ def _step_all(cls: type, config: dict, specs) -> list:
         sched.update_from_output(sched.schedule(float(sched.num_steps)), float(sched.num_steps))
         sched.pool.check_invariants()
         p = sched.pool
-        trail.append((p.free_queue, p.ref_cnt, p.num_evictions, dict(p.req_blocks),
+        trail.append((p.free_queue, p.ref_cnt, p.num_evictions, {rid: list(b) for rid, b in p.req_blocks.items()},
                       {rid: (r.num_computed_tokens, r.num_cached_tokens, r.num_preemptions, r.finish_time)
                        for rid, r in reqs.items()}))
         assert sched.num_steps < 20_000, "livelock"

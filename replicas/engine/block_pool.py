@@ -178,7 +178,14 @@ class BlockPool:
             needed = self.blocks_needed(request, total, hit_blocks)
         if needed + reserve > self.num_free_blocks:
             return None
-        blocks = self.req_blocks.setdefault(request.request_id, [])
+        blocks = self.req_blocks.get(request.request_id)
+        if blocks is None and not hit_blocks:  # a first allocation: the taken list becomes the table
+            blocks = self.req_blocks[request.request_id] = self.take(cdiv(total, bs))
+            if request.block_hashes:
+                self._register_full_blocks(request, min(total, request.num_tokens))
+            return needed
+        if blocks is None:
+            blocks = self.req_blocks[request.request_id] = []
         if hit_blocks:
             # Hits only happen at admission, on a request holding no blocks; they are registered already.
             self._touch(hit_blocks, blocks)
@@ -205,7 +212,7 @@ class BlockPool:
             del empty[-n:]
             out.reverse()
             return out
-        out = empty[::-1]
+        out = empty[::-1] if num_empty else None  # (None: nothing yet, so a run's list can become out)
         empty.clear()
         n -= num_empty
         # Then the LRU part's head, evicting what it holds.
@@ -217,17 +224,25 @@ class BlockPool:
                 size = len(blocks)
                 if size <= n:
                     del lru[entry]
-                    out += blocks
+                    if out is None:
+                        out = blocks  # the run is gone: its list is nobody else's
+                    else:
+                        out += blocks
                     n -= size
                     self.num_evictions += size
                 else:  # take the run's first n blocks; the rest keeps its place at the head
-                    out += blocks[:n]
+                    if out is None:
+                        out = blocks[:n]
+                    else:
+                        out += blocks[:n]
                     del blocks[:n]
                     self.num_evictions += n
                     return out
             else:
                 del lru[entry]
                 self._evict(entry)
+                if out is None:
+                    out = []
                 out.append(entry)
                 n -= 1
         return out
@@ -268,15 +283,19 @@ class BlockPool:
         del self.req_blocks[rid]
         self.req_num_hashed.pop(rid, None)
         # Tail first, as free() walks: the partial last block (no content) to the head, the private full
-        # blocks to the tail as one run, then the registered ones.
-        self._empty += blocks[full:]
-        self.num_free_blocks += len(blocks) - full
-        run = blocks[num_hashed:full]
-        run.reverse()
-        self._lru[_Run(run)] = None
-        self.num_free_blocks += len(run)
-        if num_hashed:
-            self._release(blocks[:num_hashed])
+        # blocks to the tail as one run, then the registered ones. (The request's table, nobody else's now,
+        # becomes the run.)
+        if full < len(blocks):
+            self._empty += blocks[full:]
+            self.num_free_blocks += len(blocks) - full
+            del blocks[full:]
+        hashed = blocks[:num_hashed]
+        del blocks[:num_hashed]
+        blocks.reverse()
+        self._lru[_Run(blocks)] = None
+        self.num_free_blocks += len(blocks)
+        if hashed:
+            self._release(hashed)
 
     def _release(self, blocks: list[int]) -> None:
         ref, lru, block_hash = self._ref, self._lru, self.block_hash
