@@ -384,7 +384,6 @@ class Scheduler:
         bs, req_blocks = self.block_size, self.pool.req_blocks
         limit = math.inf
         context = num_crossing = 0
-        tables, firsts = [], []  # per request: its block table; slots held minus computed tokens
         registering = False
         for request in running:
             computed, generated = request.num_computed_tokens, request.num_output_tokens
@@ -394,27 +393,29 @@ class Scheduler:
             if left < limit:
                 limit = left
             context += computed
-            held = req_blocks[request.request_id]
-            first = len(held) * bs - computed
-            if first <= 0:
+            if computed >= len(req_blocks[request.request_id]) * bs:
                 num_crossing += 1  # its first token needs a new block
             if request.block_hashes:
                 registering = True
-            tables.append(held)
-            firsts.append(first)
+        pool = self.pool
         if num_crossing or registering:
-            pool = self.pool
             if num_crossing > pool.num_free_blocks:
                 return None  # some allocation fails: schedule() preempts
             # schedule()'s running loop for one token each: its fast path, else pool.allocate (which cannot
             # fail: one block per crossing request, counted above), in queue order.
-            for i, request in enumerate(running):
-                if request.block_hashes or firsts[i] <= 0:
+            for request in running:
+                if request.block_hashes or request.num_computed_tokens >= len(req_blocks[request.request_id]) * bs:
                     pool.allocate(request, 1)
-                    firsts[i] = len(tables[i]) * bs - request.num_computed_tokens
         self.now = now
         self.num_steps += 1
-        return (1 if limit <= 1 else self._block_limit(limit, firsts)), context
+        if limit <= 1:
+            return 1, context
+        # A request crosses at most limit // bs + 1 block boundaries in the run: with that many free blocks
+        # each, no allocation can fail (decode_run_limit's answer without counting them).
+        if pool.num_free_blocks >= len(running) * (limit // bs + 1):
+            return limit, context
+        firsts = [len(req_blocks[r.request_id]) * bs - r.num_computed_tokens for r in running]
+        return self._block_limit(limit, firsts), context
 
     def _block_limit(self, limit: int, firsts: list[int]) -> int:
         """Cap ``limit`` so every block allocation inside the run succeeds (and, if unstable, at the first),
