@@ -231,11 +231,17 @@ class BlockPool:
                     n -= size
                     self.num_evictions += size
                 else:  # take the run's first n blocks; the rest keeps its place at the head
-                    if out is None:
-                        out = blocks[:n]
+                    if out is None and n > size - n:
+                        # Most of the run: hand its own list over and keep a copy of the shorter rest.
+                        entry.blocks = blocks[n:]
+                        del blocks[n:]
+                        out = blocks
                     else:
-                        out += blocks[:n]
-                    del blocks[:n]
+                        if out is None:
+                            out = blocks[:n]
+                        else:
+                            out += blocks[:n]
+                        del blocks[:n]
                     self.num_evictions += n
                     return out
             else:
