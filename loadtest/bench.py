@@ -27,18 +27,34 @@ def bench_sim(trace_name: str = "azure_conv", replicas: int = 4, router: str = "
         result = simulate(trace, cfg)
         rates.append(len(trace) / (time.perf_counter() - start))
     head = trace[:reference_limit]
-    jump_rate, step_rate = [], []
+    jump_rate, step_rate, runs = [], [], []
     for jump, sink in ((True, jump_rate), (False, step_rate)):
         ref_cfg = ClusterConfig(num_replicas=replicas, router=router, engine_policy=engine, jump=jump)
         start = time.perf_counter()
-        simulate(head, ref_cfg)
+        runs.append(simulate(head, ref_cfg).records)
         sink.append(len(head) / (time.perf_counter() - start))
+    same, worst = compare_records(*runs)
     return {
         "trace": trace_name, "requests": len(trace), "replicas": replicas, "router": router, "engine": engine,
         "sim_requests_per_s_median": statistics.median(rates), "sim_requests_per_s_runs": rates,
         "slice": len(head), "slice_jump_requests_per_s": jump_rate[0], "slice_step_requests_per_s": step_rate[0],
         "completed": result.summary["completed"],
+        "slice_same_decisions": same, "slice_max_relative_time_difference": worst,
     }
+
+
+def compare_records(a: list, b: list) -> tuple[bool, float]:
+    """(same decisions: replica, output tokens, preemptions, prefix hits of every request; the largest relative
+    difference of a first-token or finish time) between two simulations of one trace."""
+    same = len(a) == len(b)
+    worst = 0.0
+    for x, y in zip(a, b):
+        same &= ((x.request_id, x.replica, x.num_output_tokens, x.num_preemptions, x.num_cached_prompt_tokens)
+                 == (y.request_id, y.replica, y.num_output_tokens, y.num_preemptions, y.num_cached_prompt_tokens))
+        for p, q in ((x.first_token_s, y.first_token_s), (x.finish_s, y.finish_s)):
+            if p != q:
+                worst = max(worst, abs(p - q) / max(abs(p), abs(q)))
+    return same, worst
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -51,7 +67,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
               f"{r['sim_requests_per_s_median']:,.0f}   [{runs}]")
         print(f"  first {r['slice']} requests, same run: jump {r['slice_jump_requests_per_s']:,.0f}/s vs "
               f"step-by-step {r['slice_step_requests_per_s']:,.0f}/s "
-              f"({r['slice_jump_requests_per_s'] / r['slice_step_requests_per_s']:.1f}x)")
+              f"({r['slice_jump_requests_per_s'] / r['slice_step_requests_per_s']:.1f}x); same per-request "
+              f"results: {'yes' if r['slice_same_decisions'] else 'NO'} (times within "
+              f"{r['slice_max_relative_time_difference']:.0e} relative)")
         print("  target: >= 20,000 requests/s")
         return 0
     if args.what == "serve":

@@ -187,3 +187,20 @@ def test_cli_simulate_writes_json(tmp_path, capsys):
 def test_cli_bad_input_exits_2(argv, capsys):
     assert cli_main(argv + ["--limit", "10", "--quiet"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_bench_sim_reports_rates_and_checks_the_jump_against_stepping():
+    from loadtest.bench import bench_sim, compare_records
+
+    r = bench_sim(repeats=1, reference_limit=150)
+    assert r["requests"] == r["completed"] > 10_000
+    assert r["sim_requests_per_s_median"] > 0 and r["slice_step_requests_per_s"] > 0
+    assert r["slice_same_decisions"] is True and r["slice_max_relative_time_difference"] < 1e-9
+    # compare_records sees a moved request and a shifted time
+    tr = load_trace("azure_conv", rate_scale=10, limit=30)
+    a = simulate(tr, ClusterConfig(num_replicas=2, num_blocks=4000)).records
+    b = simulate(tr, ClusterConfig(num_replicas=2, num_blocks=4000)).records
+    assert compare_records(a, b) == (True, 0.0)
+    b[3].replica, b[4].finish_s = "elsewhere", b[4].finish_s * (1 + 1e-6)
+    same, worst = compare_records(a, b)
+    assert not same and 0.9e-6 < worst < 1.1e-6
