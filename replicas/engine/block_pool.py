@@ -212,10 +212,11 @@ class BlockPool:
             del empty[-n:]
             out.reverse()
             return out
-        out = empty[::-1] if num_empty else None  # (None: nothing yet, so a run's list can become out)
+        out = empty[::-1]
         empty.clear()
         n -= num_empty
-        # Then the LRU part's head, evicting what it holds.
+        # Then the LRU part's head, evicting what it holds. A run's list is handed over whole when that
+        # copies fewer block ids than copying the run's blocks out (ids are objects: copies cost refcounts).
         lru = self._lru
         while n > 0:
             entry = next(iter(lru))
@@ -224,31 +225,27 @@ class BlockPool:
                 size = len(blocks)
                 if size <= n:
                     del lru[entry]
-                    if out is None:
-                        out = blocks  # the run is gone: its list is nobody else's
+                    if len(out) < size:  # the run is gone: its list is nobody else's
+                        blocks[:0] = out
+                        out = blocks
                     else:
                         out += blocks
                     n -= size
                     self.num_evictions += size
                 else:  # take the run's first n blocks; the rest keeps its place at the head
-                    if out is None and n > size - n:
-                        # Most of the run: hand its own list over and keep a copy of the shorter rest.
+                    if len(out) + size - n < n:
                         entry.blocks = blocks[n:]
                         del blocks[n:]
+                        blocks[:0] = out
                         out = blocks
                     else:
-                        if out is None:
-                            out = blocks[:n]
-                        else:
-                            out += blocks[:n]
+                        out += blocks[:n]
                         del blocks[:n]
                     self.num_evictions += n
                     return out
             else:
                 del lru[entry]
                 self._evict(entry)
-                if out is None:
-                    out = []
                 out.append(entry)
                 n -= 1
         return out
