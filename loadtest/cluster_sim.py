@@ -157,7 +157,7 @@ class ClusterSim:
         rec = self.records[req.request_id]
         rec.first_token_s, rec.finish_s = req.first_token_time, req.finish_time
         rec.num_output_tokens, rec.num_preemptions = req.num_output_tokens, req.num_preemptions
-        rec.num_cached_prompt_tokens = max(req.num_cached_tokens, 0)
+        rec.num_cached_prompt_tokens = req.num_cached_tokens if req.num_cached_tokens > 0 else 0
         router = self.owner.pop(req.request_id)
         router.accounting.on_finished(req.request_id)
         router.policy.on_finished(Completion(req.request_id, replica_id, req.num_prompt_tokens,

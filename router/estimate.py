@@ -61,7 +61,7 @@ class OutputLengthEstimator:
 
     def observe(self, num_output_tokens: int) -> None:
         """Feed one finished request's output length (negative values are clamped to 0)."""
-        self._sum += max(num_output_tokens, 0)
+        self._sum += num_output_tokens if num_output_tokens > 0 else 0
         self._count += 1
         self._mean = self._compute_mean()
 

@@ -59,7 +59,7 @@ def engine_stats(
     num_running = len(scheduler.running)
     ratio = 1.0
     if latency is not None:
-        batch = max(num_running, 1)
+        batch = num_running or 1
         ratio = latency.decode_cost_ratio(batch, context / batch if num_running else 0.0)
     return {
         "num_running": num_running,

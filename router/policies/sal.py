@@ -172,7 +172,9 @@ class SalPolicy:
                     score += load  # penalty: wait behind the whole queue ahead
             known.append((score, misfit, rnd(), r.replica_id))
         known.sort()
-        tiers = [[k[3]] for k in known]
+        tiers = []
+        for k in known:  # (a loop: cheaper than a comprehension's frame for a handful of replicas)
+            tiers.append([k[3]])
         if unknown:
             unknown.sort()
             tiers += [[u[2]] for u in unknown]
