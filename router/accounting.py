@@ -53,8 +53,9 @@ def parse_stats(stats: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 _GET_PUBLISHED = operator.itemgetter(*_PUBLISHED)
 _GET_INTS = operator.itemgetter(*(_PUBLISHED.index(key) for key in _INT_FIELDS))
-_GET_FLOATS = operator.itemgetter(*(_PUBLISHED.index(key) for key in _FLOAT_FIELDS))
 _EXACT_TYPES = tuple(int if key in _INT_FIELDS else float for key in _PUBLISHED)
+if {_PUBLISHED.index(key) for key in _FLOAT_FIELDS} != {_DECODE, _RATIO, _STATS_TIME}:
+    raise TypeError("_published_values' fast path sums exactly these float fields: update it with the fields")
 
 
 def _published_values(stats: Mapping[str, Any] | None) -> tuple | None:
@@ -70,11 +71,10 @@ def _published_values(stats: Mapping[str, Any] | None) -> tuple | None:
             values = _GET_PUBLISHED(stats)
         except KeyError:
             return None
-        if tuple(map(type, values)) == _EXACT_TYPES:
-            floats = _GET_FLOATS(values)
-            if (min(_GET_INTS(values)) >= 0 and math.isfinite(floats[0] + floats[1] + floats[2])
-                    and values[_BLOCK_SIZE] >= 1 and values[_RATIO] >= 0 and values[_DECODE] >= 0):
-                return values
+        if (tuple(map(type, values)) == _EXACT_TYPES and min(_GET_INTS(values)) >= 0
+                and math.isfinite(values[_DECODE] + values[_RATIO] + values[_STATS_TIME])
+                and values[_BLOCK_SIZE] >= 1 and values[_RATIO] >= 0 and values[_DECODE] >= 0):
+            return values
     return _checked_values(stats)
 
 
@@ -119,7 +119,10 @@ class RouterAccounting:
         self._last: dict[str, tuple[object, ReplicaSnapshot]] = {}
 
     def on_routed(self, request_id: str, replica_id: str, *, now: float, prompt_tokens: int, decode_tokens: float) -> None:
-        self._routed.setdefault(replica_id, deque()).append(_Routed(request_id, now, prompt_tokens, decode_tokens))
+        queue = self._routed.get(replica_id)
+        if queue is None:  # (not setdefault: that would build a deque per call)
+            queue = self._routed[replica_id] = deque()
+        queue.append(_Routed(request_id, now, prompt_tokens, decode_tokens))
         self._where[request_id] = replica_id
         self._last.pop(replica_id, None)
 
