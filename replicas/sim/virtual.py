@@ -10,9 +10,9 @@ durations in closed form and stops at the deadline. ``jump=False`` steps one tok
 same per-request results (tests/test_sim_equivalence.py).
 
 A pending run is applied when it ends or when the engine's state must be current (an arrival). A stats
-refresh (``stats``) leaves it alone: it reports the steps started so far as if they were applied (the
-scheduler counts them without taking anything), so a refresh changes nothing in the run. That is the
-common case: refreshes come more often than arrivals.
+refresh (``stats``) leaves it alone: it reports the steps started so far as if they were applied
+(``engine_stats`` counts them, their blocks included, without taking anything), so a refresh changes nothing
+in the run. That is the common case: refreshes come more often than arrivals.
 """
 
 from __future__ import annotations
