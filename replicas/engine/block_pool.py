@@ -201,7 +201,8 @@ class BlockPool:
 
     def take(self, n: int) -> list[int]:
         """Remove ``n`` blocks from the free queue's head (the caller has checked they are there); their
-        cached content, if any, is evicted. Returned in queue order; the caller hands them to requests."""
+        cached content, if any, is evicted. Returned in queue order, in a list that is the caller's (it may be
+        a free run's own list, handed over); the caller hands them to requests."""
         if n <= 0:
             return []
         self.num_free_blocks -= n
