@@ -4,7 +4,7 @@ This is the only module that imports Ray's request-router API. It is thin: conve
 back::
 
     pending_request.kwargs["routing"]  ->  RequestView        (request_view)
-    replica.routing_stats + local view ->  ReplicaSnapshot    (RouterAccounting.snapshot)
+    replica.routing_stats + local view ->  ReplicaSnapshot    (RouterAccounting.snapshots)
     policy.choose(view, snapshots, now=time.time(), rng)  ->  ranked singleton tiers of RunningReplica
 
 How the request reaches the router. The ingress (deploy/app.py) tokenizes once and calls the replica with a
@@ -224,10 +224,6 @@ class HalffullRequestRouter(RequestRouter):
         self._expected_decode = expected or (lambda view: fallback.expected_remaining(view.max_tokens, 0))
         self._inflight: dict[str, _InFlight] = {}  # internal request id -> where it went
         self._reserved: dict[str, _Reserved] = {}  # internal request id -> first choice, not yet accepted
-        # Snapshot cache: a snapshot is a pure function of the replica's published stats (a new dict object on
-        # every update) and this router's accounting for it (version bumped on every change).
-        self._snapshots: dict[str, tuple[Any, int, Any]] = {}
-        self._versions: dict[str, int] = {}
         self._awaiting: dict[str, _Awaiting] = {}  # request id -> completed, output count not yet reported
         self._replica_ids: set[str] = set()
 
@@ -257,8 +253,11 @@ class HalffullRequestRouter(RequestRouter):
             self._release(internal_id)  # ranked again: its last choice rejected it
             self._expire_reservations(now)
         by_id = {r.replica_id.unique_id: r for r in candidates}
-        snapshot, max_age = self._snapshot, self._max_stats_age_s
-        snapshots = [snapshot(rid, _trusted(r.routing_stats, now, max_age)) for rid, r in by_id.items()]
+        # (RouterAccounting reuses a replica's snapshot while its stats object and this router's accounting
+        # for it are unchanged.)
+        max_age = self._max_stats_age_s
+        snapshots = self.accounting.snapshots(
+            [(rid, _trusted(r.routing_stats, now, max_age)) for rid, r in by_id.items()])
         tiers = self.policy.choose(view, snapshots, now=now, rng=self._rng)
         ranked, seen = [], set()
         for tier in tiers:
@@ -287,32 +286,18 @@ class HalffullRequestRouter(RequestRouter):
         self.policy.on_routed(view, replica_id, now=now)
         self.accounting.on_routed(internal_id, replica_id, now=now, prompt_tokens=view.num_prompt_tokens,
                                   decode_tokens=self._expected_decode(view))
-        self._changed(replica_id)
         self._reserved[internal_id] = _Reserved(replica_id, now)
 
     def _release(self, internal_id: str) -> Optional[_Reserved]:
         reserved = self._reserved.pop(internal_id, None)
         if reserved is not None:
             self.accounting.on_finished(internal_id)
-            self._changed(reserved.replica_id)
         return reserved
 
     def _expire_reservations(self, now: float) -> None:
         stale = [k for k, v in self._reserved.items() if now - v.at > RESERVATION_TTL_S]
         for internal_id in stale:
             self._release(internal_id)
-
-    def _snapshot(self, replica_id: str, stats: Any):
-        version = self._versions.get(replica_id, 0)
-        cached = self._snapshots.get(replica_id)
-        if cached is not None and cached[0] is stats and cached[1] == version:
-            return cached[2]
-        snap = self.accounting.snapshot(replica_id, stats)
-        self._snapshots[replica_id] = (stats, version, snap)
-        return snap
-
-    def _changed(self, replica_id: str) -> None:
-        self._versions[replica_id] = self._versions.get(replica_id, 0) + 1
 
     # ---- lifecycle hooks -------------------------------------------------------------------------------
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
@@ -327,7 +312,6 @@ class HalffullRequestRouter(RequestRouter):
                 self.policy.on_routed(view, rid, now=now)
                 self.accounting.on_routed(internal_id, rid, now=now, prompt_tokens=view.num_prompt_tokens,
                                           decode_tokens=self._expected_decode(view))
-                self._changed(rid)
             self._reserved.pop(internal_id, None)
             self._inflight[internal_id] = _InFlight(rid, view.request_id or internal_id, view.num_prompt_tokens)
         except Exception:
@@ -340,7 +324,6 @@ class HalffullRequestRouter(RequestRouter):
                 return  # a rejected attempt, or a request this router did not route
             del self._inflight[internal_request_id]
             self.accounting.on_finished(internal_request_id)
-            self._changed(entry.replica_id)
             count = _take_note(entry.request_id)
             if count is not None:
                 self._finish(entry.request_id, entry.replica_id, entry.num_prompt_tokens, count, time.time())
@@ -388,8 +371,6 @@ class HalffullRequestRouter(RequestRouter):
     def _forget(self, replica_ids: Iterable[str]) -> None:
         for rid in replica_ids:
             self._replica_ids.discard(rid)
-            self._snapshots.pop(rid, None)
-            self._versions.pop(rid, None)
             try:
                 self.policy.on_replica_removed(rid)
             except Exception:
