@@ -151,17 +151,11 @@ def list_profiles() -> list[tuple[str, str, int]]:
     return [(g, m, default_tp(g, m)) for g in sorted(profiles.gpus) for m in sorted(profiles.models)]
 
 
-def _series(a: float, b: float, lo: int, hi: int) -> float:
-    """sum_{i=lo}^{hi-1} (a + b*i); 0 when hi <= lo."""
-    m = hi - lo
-    return m * a + b * (lo + hi - 1) * m * 0.5 if m > 0 else 0.0
-
-
 def _prefix(j: int, split: int, a1: float, b1: float, a2: float, b2: float) -> float:
     """Start time of step j: line (a1, b1) for steps < split, line (a2, b2) from split on.
 
-    ``_series(a1, b1, 0, j)``, or ``_series(a1, b1, 0, split) + _series(a2, b2, split, j)``, written out (the
-    same operations in the same order: a decode run asks this a dozen times).
+    The sum of the step costs before j, in closed form: sum_{i<j} (a1 + b1*i) while j <= split, else
+    sum_{i<split} (a1 + b1*i) + sum_{split<=i<j} (a2 + b2*i) (m*a + b*(lo + hi - 1)*m/2 for m steps lo..hi-1).
     """
     if j <= split:
         return j * a1 + b1 * (j - 1) * j * 0.5 if j > 0 else 0.0

@@ -157,12 +157,7 @@ class SimReplica:
             self.pending = self.latency.decode_run_times(len(out.num_scheduled_tokens),
                                                          sum(out.computed_before.values()), steps)
             return
-        # _commit(out, 1, step time), inlined: one step is an update_from_output
-        dt = self.latency.step_time(*step_cost(out))
-        end = self.clock + dt
-        self.busy_time += dt
-        self.clock = end
-        finished += sched.update_from_output(out, end)
+        finished.extend(self._commit(out, 1, self.latency.step_time(*step_cost(out))))
 
     def _decode_step(self, context: int, finished: list[Request]) -> None:
         """Apply a single step from ``schedule_decode_run``: every running request decodes one token."""
