@@ -87,7 +87,7 @@ Backends (``backend``): ``sim`` (default; simulated replicas: ``gpu``, ``model``
 ``VllmEngineConfig``, replicas/vllm/config.py; ``replica_num_gpus: 1`` on GPUs; examples deploy/vllm_gpu.yaml,
 deploy/vllm_cpu.yaml). ``engine_policy`` / ``engine_params`` choose halffull's scheduler policy in both. With
 vLLM the ingress tokenizes with the model's own Hugging Face tokenizer and chat template, prompt token ids
-must be below the tokenizer's size, and sampling is vLLM's default (sampling fields are checked, not used).
+must be below the tokenizer's size, and the sampling fields above reach vLLM's ``SamplingParams``.
 
 App arguments (``build_app``; YAML ``args``): see ``AppConfig``.
 """
@@ -269,10 +269,13 @@ class AppConfig:
         engine = self.engine_config()
         return engine.max_model_len or LatencyModel.from_profile(engine.gpu, engine.model, engine.tp).model.max_model_len
 
+    def base_model(self) -> str:
+        """The model behind the endpoint: the simulated profile's name, or vLLM's model path or id."""
+        return self.vllm_config().model if self.backend == "vllm" else self.model
+
     def model_name(self) -> str:
-        if self.backend == "vllm":
-            return self.served_model_name or self.vllm_config().model
-        return self.served_model_name or self.model
+        """The name clients use (``served_model_name``, else the base model)."""
+        return self.served_model_name or self.base_model()
 
     def replica_options(self) -> dict[str, Any]:
         """``LLMReplica``'s constructor arguments (backend kind and its options)."""
@@ -890,6 +893,7 @@ class OpenAIIngress:
         self.llm = llm.options(stream=True).generate
         self.tokenizer = make_tokenizer(self.config)
         self.model = self.config.model_name()
+        self.root_model = self.config.base_model()
         self.max_model_len = self.config.max_model_len()
         self.prefix_block_size = self.config.prefix_block_size
         self.created = int(time.time())
@@ -908,7 +912,7 @@ class OpenAIIngress:
         return {"object": "list", "data": [{
             "id": self.model, "object": "model", "created": self.created, "owned_by": "halffull",
             "max_model_len": self.max_model_len,
-            "root": self.config.vllm_config().model if self.config.backend == "vllm" else self.config.model,
+            "root": self.root_model,
         }]}
 
     @fastapi_app.get("/metrics")
