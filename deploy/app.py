@@ -113,17 +113,17 @@ from ray.serve import metrics
 from ray.serve.config import BackpressureConfig, RequestRouterConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deploy.tokenizer import CHAT_ROLES, SimTokenizer
-from replicas.backend import SAMPLING_FIELDS
-from replicas.deployment import (
+from halffull.deploy.tokenizer import CHAT_ROLES, SimTokenizer
+from halffull.replicas.backend import SAMPLING_FIELDS
+from halffull.replicas.deployment import (
     BACKENDS,
     MAX_ONGOING_REQUESTS,
     LLMReplica,
     bind_replica_grpc_to_node_ip,
     process_memory,
 )
-from replicas.sim.latency import LatencyModel
-from replicas.sim.realtime import (
+from halffull.replicas.sim.latency import LatencyModel
+from halffull.replicas.sim.realtime import (
     EngineDeadError,
     EngineOverloadedError,
     SimEngineConfig,
@@ -131,9 +131,9 @@ from replicas.sim.realtime import (
     check_field_types,
     known_fields,
 )
-from replicas.vllm.config import VllmEngineConfig  # no vLLM import: the config section only
-from router import serve_router
-from router.registry import make_policy
+from halffull.replicas.vllm.config import VllmEngineConfig  # no vLLM import: the config section only
+from halffull.router import serve_router
+from halffull.router.registry import make_policy
 
 logger = logging.getLogger("ray.serve")
 
@@ -158,11 +158,11 @@ class AppConfig:
     num_replicas: int = 4  # LLMReplica replicas
     backend: str = "sim"  # "sim": simulated replicas (gpu, model, speedup, engine); "vllm": real engines (vllm)
     vllm: Mapping[str, Any] = field(default_factory=dict)  # VllmEngineConfig (replicas/vllm/config.py)
-    router: str = "sal"  # a router.registry name, or "ray_default" (Ray's power-of-two router)
+    router: str = "sal"  # a halffull.router.registry name, or "ray_default" (Ray's power-of-two router)
     router_params: Mapping[str, Any] = field(default_factory=dict)
     router_seed: int | None = None
     stats_period_s: float = 0.5  # request_routing_stats_period_s
-    engine_policy: str = "larry"  # replicas.engine.policies name
+    engine_policy: str = "larry"  # halffull.replicas.engine.policies name
     engine_params: Mapping[str, Any] = field(default_factory=dict)
     gpu: str = "h100"
     model: str = "llama3-8b"
@@ -296,7 +296,7 @@ def _default(f: dataclasses.Field) -> Any:
 def make_tokenizer(config: AppConfig):
     """The ingress's tokenizer: the simulated model's, or the real model's own (deploy/hf_tokenizer.py)."""
     if config.backend == "vllm":
-        from deploy.hf_tokenizer import HfTokenizer
+        from halffull.deploy.hf_tokenizer import HfTokenizer
 
         return HfTokenizer.load(config.vllm_config().tokenizer_path)
     return SimTokenizer()
@@ -311,7 +311,7 @@ def build_app(args: Mapping[str, Any] | None = None):
                      "request_routing_stats_timeout_s": max(2.0, 4 * config.stats_period_s)}
     if config.router != RAY_DEFAULT_ROUTER:
         router_config.update(
-            request_router_class="router.serve_router:HalffullRequestRouter",
+            request_router_class="halffull.router.serve_router:HalffullRequestRouter",
             request_router_kwargs={"policy": config.router, "policy_params": dict(config.router_params),
                                    "seed": config.router_seed},
         )

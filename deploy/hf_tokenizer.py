@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
-from deploy.tokenizer import message_text
+from halffull.deploy.tokenizer import message_text
 
 
 class HfTokenizer:

@@ -17,7 +17,7 @@ import time
 
 def bench_sim(trace_name: str = "azure_conv", replicas: int = 4, router: str = "sal", engine: str = "fcfs",
               repeats: int = 3, reference_limit: int = 2000) -> dict:
-    from loadtest.cluster_sim import ClusterConfig, load_trace_for, simulate
+    from halffull.loadtest.cluster_sim import ClusterConfig, load_trace_for, simulate
 
     cfg = ClusterConfig(num_replicas=replicas, router=router, engine_policy=engine)
     trace = load_trace_for(cfg, trace_name)
@@ -73,11 +73,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("  target: >= 20,000 requests/s")
         return 0
     if args.what == "serve":
-        from loadtest import bench_serve
+        from halffull.loadtest import bench_serve
 
         bench_serve.main([])
         return 0
-    from loadtest import bench_router
+    from halffull.loadtest import bench_router
 
     bench_router.main([])
     return 0

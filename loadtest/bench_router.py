@@ -1,6 +1,6 @@
 """Microbenchmark: microseconds per ``choose`` call for every routing policy, by replica count.
 
-    python -m loadtest.bench_router [--calls N] [--replicas 4,16,64,256] [--seed S]
+    python -m halffull.loadtest.bench_router [--calls N] [--replicas 4,16,64,256] [--seed S]
 
 Workload (seeded, built before timing):
   snapshots  a few pre-built candidate lists per replica count with random published load (running, waiting,
@@ -22,8 +22,8 @@ import random
 import statistics
 import time
 
-from router.registry import POLICY_NAMES, make_policy
-from router.types import ReplicaSnapshot, RequestView
+from halffull.router.registry import POLICY_NAMES, make_policy
+from halffull.router.types import ReplicaSnapshot, RequestView
 
 BLOCK_TOKENS = 128
 NUM_BLOCKS = 16

@@ -1,12 +1,12 @@
 """End-to-end overhead of halffull's Ray Serve router: requests/s through the full HTTP path.
 
-    python -m loadtest.bench_serve [--router sal] [--replicas 2] [--concurrency 16] [--requests 250]
+    python -m halffull.loadtest.bench_serve [--router sal] [--replicas 2] [--concurrency 16] [--requests 250]
                                    [--rounds 8] [--max-tokens 4] [--phase-timeout 60] [--skip-micro]
 
 Setup (loopback only): a fresh local Ray cluster (4 logical CPUs, 127.0.0.1) and Serve's HTTP proxy on a free
 127.0.0.1 port; two apps deployed side by side, identical except for the LLMReplica router:
 
-    halffull   request_router_class router.serve_router:HalffullRequestRouter, policy ``--router``
+    halffull   request_router_class halffull.router.serve_router:HalffullRequestRouter, policy ``--router``
     default    Ray Serve's PowerOfTwoChoicesRequestRouter (app argument router: ray_default)
 
 Replicas are simulated with an infinite speed-up (steps take no time), so what is measured is the serving
@@ -37,7 +37,7 @@ import os
 import statistics
 import time
 
-from router.registry import POLICY_NAMES
+from halffull.router.registry import POLICY_NAMES
 
 BENCH_APPS = ("halffull", "default")
 
@@ -48,7 +48,7 @@ def adapter_micro(calls: int = 2000) -> list[tuple[str, int, float]]:
     from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
     from ray.serve.request_router import PendingRequest
 
-    from router.serve_router import HalffullRequestRouter, routing_kwarg
+    from halffull.router.serve_router import HalffullRequestRouter, routing_kwarg
 
     dep = DeploymentID(name="LLMReplica", app_name="bench")
 
@@ -143,7 +143,7 @@ def end_to_end(args) -> dict[str, list[Phase]]:
     import ray
     from ray import serve
 
-    from deploy.app import RAY_DEFAULT_ROUTER, build_app
+    from halffull.deploy.app import RAY_DEFAULT_ROUTER, build_app
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False, logging_level="ERROR")

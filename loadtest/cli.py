@@ -48,7 +48,7 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
 
 
 def cluster_config(args: argparse.Namespace):
-    from loadtest.cluster_sim import ClusterConfig
+    from halffull.loadtest.cluster_sim import ClusterConfig
 
     return ClusterConfig(
         num_replicas=args.replicas, router=args.router, router_params=parse_params(args.router_param),
@@ -60,16 +60,16 @@ def cluster_config(args: argparse.Namespace):
 
 
 def load_args_trace(args: argparse.Namespace, cfg):
-    from loadtest.cluster_sim import load_trace_for
+    from halffull.loadtest.cluster_sim import load_trace_for
 
     return load_trace_for(cfg, args.trace, rate_scale=args.rate_scale, limit=args.limit, start_s=args.start,
                           duration_s=args.duration)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from loadtest.cluster_sim import ClusterSim, config_dict
-    from loadtest.metrics import Slo, format_table
-    from loadtest.progress import Progress
+    from halffull.loadtest.cluster_sim import ClusterSim, config_dict
+    from halffull.loadtest.metrics import Slo, format_table
+    from halffull.loadtest.progress import Progress
 
     cfg = cluster_config(args)
     sim = ClusterSim(cfg, slo=Slo(args.slo_ttft, args.slo_tpot))
@@ -114,7 +114,7 @@ def _add_optional_commands(sub) -> None:
     """Subcommands whose modules register themselves (one module, one job)."""
     import importlib
 
-    for module in ("loadtest.compare", "loadtest.bench", "loadtest.make_tiny_model", "loadtest.live"):
+    for module in ("halffull.loadtest.compare", "halffull.loadtest.bench", "halffull.loadtest.make_tiny_model", "halffull.loadtest.live"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -22,17 +22,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from loadtest.metrics import RequestRecord, Slo, summarize
-from loadtest.traces import Trace, TraceRequest, load_trace
-from replicas.engine.policies import make_engine_policy
-from replicas.engine.request import Request, hash_trace_blocks
-from replicas.engine.scheduler import Scheduler, SchedulerConfig
-from replicas.sim.latency import LatencyModel
-from replicas.sim.virtual import SimReplica
-from router.accounting import RouterAccounting
-from router.estimate import OutputLengthEstimator
-from router.registry import make_policy
-from router.types import Completion, RequestView
+from halffull.loadtest.metrics import RequestRecord, Slo, summarize
+from halffull.loadtest.traces import Trace, TraceRequest, load_trace
+from halffull.replicas.engine.policies import make_engine_policy
+from halffull.replicas.engine.request import Request, hash_trace_blocks
+from halffull.replicas.engine.scheduler import Scheduler, SchedulerConfig
+from halffull.replicas.sim.latency import LatencyModel
+from halffull.replicas.sim.virtual import SimReplica
+from halffull.router.accounting import RouterAccounting
+from halffull.router.estimate import OutputLengthEstimator
+from halffull.router.registry import make_policy
+from halffull.router.types import Completion, RequestView
 
 
 @dataclass(frozen=True)

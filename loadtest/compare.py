@@ -43,10 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from loadtest import report
-from loadtest.cluster_sim import ClusterConfig, ClusterSim, load_trace_for
-from loadtest.metrics import Slo, saturation_rate_scale
-from loadtest.traces import load_trace
+from halffull.loadtest import report
+from halffull.loadtest.cluster_sim import ClusterConfig, ClusterSim, load_trace_for
+from halffull.loadtest.metrics import Slo, saturation_rate_scale
+from halffull.loadtest.traces import load_trace
 
 __all__ = ["PRESETS", "DEFAULT_ROUTERS", "DEFAULT_ENGINE_POLICIES", "DEFAULT_RATE_SCALES", "EXPERIMENT_KEYS",
            "Run", "grid", "default_label", "plan", "run_one", "run_sweep", "write_outputs", "git_commit",
@@ -273,7 +273,7 @@ def _parse_scales(text: str | None) -> list[float] | None:
 def _load_presets() -> None:
     # The paper matrix lives with its target analysis (loadtest/paper.py), which builds on grid() above.
     if "paper" not in PRESETS:
-        from loadtest import paper
+        from halffull.loadtest import paper
 
         PRESETS["paper"] = paper.experiments()
 
@@ -325,8 +325,8 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from loadtest.cli import cluster_config
-    from loadtest.progress import Progress
+    from halffull.loadtest.cli import cluster_config
+    from halffull.loadtest.progress import Progress
 
     slo = Slo(args.slo_ttft, args.slo_tpot)
     if args.jobs is not None and args.jobs < 1:
@@ -355,7 +355,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     ]
     out = write_outputs(rows, args.out, slo=slo, command=_command_line(args), notes=notes)
     if args.preset == "paper":
-        from loadtest import paper
+        from halffull.loadtest import paper
 
         with open(out["report"], "a") as f:
             f.write("\n" + paper.targets_markdown(rows, slo) + "\n" + paper.findings_markdown(rows, slo))
@@ -370,7 +370,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``compare`` to ``halffull``'s subcommands (called by loadtest/cli.py)."""
-    from loadtest.cli import add_cluster_args
+    from halffull.loadtest.cli import add_cluster_args
 
     p = subparsers.add_parser(
         "compare", conflict_handler="resolve",

@@ -5,7 +5,7 @@
 
 For every router x engine policy x rate scale (a *run*), one at a time:
 
-1. deploy ``deploy.app:build_app`` on a local, loopback-only Ray cluster started here (Ray and Serve's HTTP
+1. deploy ``halffull.deploy.app:build_app`` on a local, loopback-only Ray cluster started here (Ray and Serve's HTTP
    proxy on 127.0.0.1; or the cluster a caller passes, as the tests do), configured from the very
    ``ClusterConfig`` the simulator runs (below);
 2. replay the trace slice with locust, headless, in a subprocess
@@ -68,8 +68,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from loadtest import report
-from loadtest.metrics import RequestRecord, Slo
+from halffull.loadtest import report
+from halffull.loadtest.metrics import RequestRecord, Slo
 
 __all__ = ["LiveRun", "LocalServe", "app_args", "wall_engine_params", "plan_runs", "run_compare", "agreement",
            "robust_pairs", "agreement_markdown", "register", "main"]
@@ -111,7 +111,7 @@ class LocalServe:
 
     def __enter__(self) -> "LocalServe":
         # Ray's own listeners on 127.0.0.1 (DESIGN.md §9). Ray reads the variable once, when it is first imported
-        # (ray._private.ray_constants), and something may have imported it already (deploy.app does): set both.
+        # (ray._private.ray_constants), and something may have imported it already (halffull.deploy.app does): set both.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the processes Ray starts
         import ray
         import ray._private.ray_constants as ray_constants
@@ -148,7 +148,7 @@ class LocalServe:
     def deploy(self, name: str, args: Mapping[str, Any]) -> str:
         from ray import serve
 
-        from deploy.app import build_app
+        from halffull.deploy.app import build_app
 
         serve.run(build_app(dict(args)), name=name, route_prefix=f"/{name}")
         return f"{self.http}/{name}"
@@ -195,7 +195,7 @@ class LiveRun:
 def plan_runs(base, routers: Sequence[str], engine_policies: Sequence[str],
               rate_scales: Sequence[float]) -> list[LiveRun]:
     """router x engine policy x rate scale, in that nesting (each config's scales back to back)."""
-    from loadtest.compare import default_label
+    from halffull.loadtest.compare import default_label
 
     runs = []
     for router in routers:
@@ -210,7 +210,7 @@ def wall_engine_params(policy: str, params: Mapping[str, Any], speedup: float) -
     """Engine params for the real-time engine at ``speedup``: LARRY's time constants are wall seconds there."""
     out = dict(params)
     if policy == "larry" and speedup != 1.0:
-        from replicas.engine.larry import LarryParams
+        from halffull.replicas.engine.larry import LarryParams
 
         defaults = LarryParams()
         for key in ("tau", "max_wait_s"):
@@ -220,7 +220,7 @@ def wall_engine_params(policy: str, params: Mapping[str, Any], speedup: float) -
 
 def engine_limits(cfg) -> dict[str, int]:
     """The engine limits the simulator resolves for ``cfg`` (vLLM's defaults for the GPU unless given)."""
-    from loadtest.cluster_sim import ClusterSim
+    from halffull.loadtest.cluster_sim import ClusterSim
 
     sched = ClusterSim(cfg).sched_config
     return {"num_blocks": sched.num_blocks, "block_size": sched.block_size,
@@ -232,7 +232,7 @@ def wall_stats_period(stats_period_s: float, speedup: float) -> float:
 
 
 def app_args(cfg, speedup: float) -> dict[str, Any]:
-    """deploy.app arguments equivalent to the simulator's ``cfg`` at ``speedup`` (see the module docstring)."""
+    """halffull.deploy.app arguments equivalent to the simulator's ``cfg`` at ``speedup`` (see the module docstring)."""
     engine: dict[str, Any] = engine_limits(cfg)
     if cfg.tp is not None:
         engine["tp"] = cfg.tp
@@ -258,7 +258,7 @@ class Slice:
 
 
 def _load_slice(cfg, sl: Slice, rate_scale: float):
-    from loadtest.cluster_sim import load_trace_for
+    from halffull.loadtest.cluster_sim import load_trace_for
 
     return load_trace_for(cfg, sl.trace, rate_scale=rate_scale, limit=sl.limit, start_s=sl.start_s,
                           duration_s=sl.duration_s)
@@ -430,7 +430,7 @@ async def _probe_async(url: str, model: str, speedup: float) -> list[tuple[float
     """(TTFT, TPOT) in model seconds of ``PROBE_REQUESTS`` sequential probe requests."""
     import httpx
 
-    from loadtest.prompts import PromptSynthesizer
+    from halffull.loadtest.prompts import PromptSynthesizer
 
     synth = PromptSynthesizer(seed=-1)
     out = []
@@ -460,8 +460,8 @@ async def _probe_async(url: str, model: str, speedup: float) -> list[tuple[float
 
 def probe_idle(url: str, cfg, speedup: float) -> dict[str, float]:
     """Fixed path cost and step timing of the idle service vs the simulator's prediction (model ms)."""
-    from loadtest.cluster_sim import ClusterSim
-    from loadtest.traces import TraceRequest
+    from halffull.loadtest.cluster_sim import ClusterSim
+    from halffull.loadtest.traces import TraceRequest
 
     model = _models(url)[0]["id"]
     measured = asyncio.run(_probe_async(url, model, speedup))
@@ -492,7 +492,7 @@ def _models(url: str) -> list[dict]:
 # ---- rows ----------------------------------------------------------------------------------------------
 def _config_columns(run: LiveRun, sl: Slice, requests: int, limits: Mapping[str, int]) -> dict[str, Any]:
     cfg = run.config
-    from replicas.sim.latency import LatencyModel
+    from halffull.replicas.sim.latency import LatencyModel
 
     return {
         "trace": sl.trace, "label": run.label, "router": cfg.router, "engine_policy": cfg.engine_policy,
@@ -519,7 +519,7 @@ def live_row(run: LiveRun, sl: Slice, summary: Mapping[str, Any], limits, speedu
 
 
 def simulate_slice(cfg, sl: Slice, rate_scale: float):
-    from loadtest.cluster_sim import ClusterSim
+    from halffull.loadtest.cluster_sim import ClusterSim
 
     trace = _load_slice(cfg, sl, rate_scale)
     return ClusterSim(cfg).run(trace)
@@ -752,8 +752,8 @@ def run_compare(args: argparse.Namespace, *, cluster=None, command: str = "",
 
     Returns ``{"rows", "agreement", "csv", "report", "plots"}``.
     """
-    from loadtest.cli import cluster_config
-    from loadtest.compare import git_commit
+    from halffull.loadtest.cli import cluster_config
+    from halffull.loadtest.compare import git_commit
 
     slo = Slo(args.slo_ttft, args.slo_tpot)
     speedup = float(args.speedup)
@@ -765,7 +765,7 @@ def run_compare(args: argparse.Namespace, *, cluster=None, command: str = "",
     runs = plan_runs(base, routers, engines, _scales(args.rate_scales, 1.0))
     limit = args.limit if (args.limit is not None or args.duration is not None) else 200
     sl = Slice(args.trace, limit, args.start, args.duration, args.seed)
-    from deploy.app import AppConfig
+    from halffull.deploy.app import AppConfig
 
     for run in runs:  # every configuration valid, every slice non-empty, before anything starts
         AppConfig.from_args(app_args(run.config, speedup))
@@ -877,7 +877,7 @@ def run_compare(args: argparse.Namespace, *, cluster=None, command: str = "",
 def _live_once(cluster, run: LiveRun, sl: Slice, speedup: float, run_dir: Path, args, note: str,
                stream) -> tuple[dict[str, Any], dict[str, Any]]:
     """Deploy, replay, probe, delete: (the locust summary, probe + host figures [+ "listeners"])."""
-    from loadtest.progress import Progress
+    from halffull.loadtest.progress import Progress
 
     name = f"live{os.getpid()}x{run.index}"
     trace = _load_slice(run.config, sl, run.rate_scale)
@@ -921,7 +921,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def add_compare_args(p: argparse.ArgumentParser) -> None:
-    from loadtest.cli import add_cluster_args
+    from halffull.loadtest.cli import add_cluster_args
 
     add_cluster_args(p)
     # The comparison's axes replace the single-valued cluster flags of the same names (kept as aliases).
@@ -965,8 +965,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m loadtest.live compare ...`` = ``halffull loadtest compare ...`` (loadtest/cli.py registers it)."""
-    from loadtest.cli import main as cli_main
+    """``python -m halffull.loadtest.live compare ...`` = ``halffull loadtest compare ...`` (loadtest/cli.py registers it)."""
+    from halffull.loadtest.cli import main as cli_main
 
     return cli_main(["loadtest", *(sys.argv[1:] if argv is None else argv)])
 

@@ -29,7 +29,7 @@ Locust statistics (web UI, ``--csv``, ``--html``): ``POST /v1/completions`` (wal
 failures here), and custom request types in model ms: ``TTFT``, ``TPOT``, ``E2E`` (name
 ``/v1/completions (model ms)``), plus ``LAG`` (name ``dispatch (wall ms)``): the send lag of each request.
 
-End of run (``--json-out``): the keys of ``halffull simulate --json`` (``loadtest.metrics.summarize`` over
+End of run (``--json-out``): the keys of ``halffull simulate --json`` (``halffull.loadtest.metrics.summarize`` over
 ``RequestRecord``s in model time, ``clipped``, ``rejected``, ``config``, ``trace``, ``rate_scale``,
 ``per_replica`` from the ``x-halffull-replica`` header; ``sim_wall_s`` is the replay's wall time,
 ``preemptions_per_request`` is null: the API does not report preemptions) plus a ``replay`` dict (sent, late,
@@ -63,9 +63,9 @@ from locust import User, events, task
 from locust.runners import LocalRunner
 from locust.stats import CSV_STATS_INTERVAL_SEC
 
-from loadtest.metrics import RequestRecord, Slo, percentile, summarize
-from loadtest.prompts import PromptSynthesizer
-from loadtest.traces import load_trace
+from halffull.loadtest.metrics import RequestRecord, Slo, percentile, summarize
+from halffull.loadtest.prompts import PromptSynthesizer
+from halffull.loadtest.traces import load_trace
 
 logger = logging.getLogger("halffull.replay")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 def register(sub) -> None:
     """Add ``make-tiny-model`` to ``halffull``'s subcommands (called by loadtest/cli.py)."""
-    from replicas.vllm.tiny_model import add_arguments
+    from halffull.replicas.vllm.tiny_model import add_arguments
 
     p = sub.add_parser(
         "make-tiny-model",

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from loadtest.metrics import Slo, saturation_rate_scale
+from halffull.loadtest.metrics import Slo, saturation_rate_scale
 
 __all__ = [
     "CONFIG_COLUMNS", "SUMMARY_COLUMNS", "WALL_CLOCK_COLUMNS", "RESULT_COLUMNS", "PLOTS",

@@ -1,7 +1,7 @@
 """Soak: replay a production trace at moderate load against the default app for a long time, and check that
 nothing is lost, latency does not drift and no Ray / Serve process grows.
 
-    python -m loadtest.soak [--duration 1200] [--window 300] [--trace azure_conv] [--rate-scale 0.5]
+    python -m halffull.loadtest.soak [--duration 1200] [--window 300] [--trace azure_conv] [--rate-scale 0.5]
                             [--stream-fraction 1.0] [--max-in-flight 512] [--sample-every 10]
                             [--app-arg KEY=VALUE ...] [--json PATH]
 
@@ -55,9 +55,9 @@ from pathlib import Path
 
 import yaml
 
-from loadtest.bench_serve import cluster_cpu_seconds
-from loadtest.metrics import percentile
-from loadtest.traces import BUILTIN_TRACES, load_trace
+from halffull.loadtest.bench_serve import cluster_cpu_seconds
+from halffull.loadtest.metrics import percentile
+from halffull.loadtest.traces import BUILTIN_TRACES, load_trace
 
 CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "serve_config.yaml"
 TTFT_DRIFT_LIMIT = 0.20
@@ -303,7 +303,7 @@ def run(args) -> int:
     import ray
     from ray import serve
 
-    from deploy.app import AppConfig, build_app
+    from halffull.deploy.app import AppConfig, build_app
 
     app_args = {**default_app_args(), **parse_app_args(args.app_arg)}
     config = AppConfig.from_args(app_args)

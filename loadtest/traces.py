@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
-from loadtest.metrics import percentile
+from halffull.loadtest.metrics import percentile
 
 __all__ = [
     "TRACE_BLOCK_TOKENS",

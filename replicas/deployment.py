@@ -43,8 +43,8 @@ from typing import Any, Mapping
 
 from ray import serve
 
-from replicas.backend import Backend, GenerateRequest, RequestOutcome
-from replicas.sim.realtime import EngineOverloadedError
+from halffull.replicas.backend import Backend, GenerateRequest, RequestOutcome
+from halffull.replicas.sim.realtime import EngineOverloadedError
 
 # Defaults for the Serve options; the app builder (deploy/app.py) may override them.
 MAX_ONGOING_REQUESTS = 512  # the engine itself queues (max_num_seqs 256 running + waiting)
@@ -93,13 +93,13 @@ BACKENDS = ("sim", "vllm")
 
 def make_backend(kind: str, options: Mapping[str, Any] | None) -> Backend:
     if kind == "sim":
-        from replicas.sim.realtime import AsyncSimEngine
+        from halffull.replicas.sim.realtime import AsyncSimEngine
 
         return AsyncSimEngine.from_config(options)
     if kind == "vllm":
         import ray
 
-        from replicas.vllm.backend import VllmBackend  # imports vLLM: only in replicas that run it
+        from halffull.replicas.vllm.backend import VllmBackend  # imports vLLM: only in replicas that run it
 
         return VllmBackend.from_options(options, node_ip=ray.util.get_node_ip_address())
     raise ValueError(f"unknown backend {kind!r}; valid: {', '.join(BACKENDS)}")

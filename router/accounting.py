@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any, Iterable
 
-from router.types import ReplicaSnapshot
+from halffull.router.types import ReplicaSnapshot
 
 _INT_FIELDS = ("num_running", "num_waiting", "num_waiting_prompt_tokens", "num_free_blocks", "num_total_blocks",
                "block_size", "num_preemptions")

@@ -18,8 +18,8 @@ import typing
 from types import NoneType, UnionType
 from typing import Any, Callable, Mapping
 
-from router.policies import least_requests, pow2, prefix_aware, random_choice, round_robin, sal
-from router.types import RoutingPolicy
+from halffull.router.policies import least_requests, pow2, prefix_aware, random_choice, round_robin, sal
+from halffull.router.types import RoutingPolicy
 
 # name -> (params dataclass, policy class taking an instance of it)
 _POLICIES: dict[str, tuple[type, Callable[[Any], RoutingPolicy]]] = {

@@ -12,7 +12,7 @@ keyword argument ``routing`` built by ``routing_kwarg``::
 
     handle.options(stream=True).generate.remote(request, routing={
         "request_id": "cmpl-...", "num_prompt_tokens": 812, "max_tokens": 128,
-        "prefix_hashes": [h0, h1, ...],   # replicas.engine.request.hash_token_blocks(prompt ids, block size)
+        "prefix_hashes": [h0, h1, ...],   # halffull.replicas.engine.request.hash_token_blocks(prompt ids, block size)
         "prefix_block_size": 64,
     })
 
@@ -50,14 +50,14 @@ exception in conversion or policy is logged (rate-limited) and the candidates ar
 order. Every return also sets ``routing_context.should_backoff``: without it Ray re-calls ``choose_replicas``
 in a tight loop while every replica rejects (queues full).
 
-Stats trust: a replica's published stats are used only if ``router.accounting.parse_stats`` accepts them
+Stats trust: a replica's published stats are used only if ``halffull.router.accounting.parse_stats`` accepts them
 (every field present, numeric, finite, in range) and their ``stats_time`` is within ``max_stats_age_s`` of
 this router's clock (either way: a replica that stopped publishing, or a skewed clock). Anything else makes the
 replica's snapshot ``stats_known=False`` — the policies rank it by request counts, after replicas with known
 stats — and never raises.
 
 Configuration (``request_router_kwargs`` -> ``initialize_state``):
-  policy          str, default "sal"   a name from router.registry.POLICY_NAMES
+  policy          str, default "sal"   a name from halffull.router.registry.POLICY_NAMES
   policy_params   dict, default {}     that policy's params (unknown keys fail at startup)
   seed            int | None           RNG seed; mixed with this router's actor id so routers in different
                                        processes draw differently. None: OS entropy.
@@ -78,11 +78,11 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from replicas.engine.request import hash_token_blocks
-from router.accounting import RouterAccounting
-from router.estimate import OutputLengthEstimator
-from router.registry import make_policy
-from router.types import Completion, RequestView
+from halffull.replicas.engine.request import hash_token_blocks
+from halffull.router.accounting import RouterAccounting
+from halffull.router.estimate import OutputLengthEstimator
+from halffull.router.registry import make_policy
+from halffull.router.types import Completion, RequestView
 
 logger = logging.getLogger("ray.serve")
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from replicas.engine.policies import make_engine_policy
-from replicas.engine.request import Request
-from replicas.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from halffull.replicas.engine.policies import make_engine_policy
+from halffull.replicas.engine.request import Request
+from halffull.replicas.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
 
 def make_sched(

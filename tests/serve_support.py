@@ -35,10 +35,10 @@ class ServeCluster:
     apps: list[str] = field(default_factory=list)
 
     def deploy(self, name: str, args: dict) -> str:
-        """Deploy deploy.app:build_app(args) as app ``name`` at ``/name``; returns its base URL."""
+        """Deploy halffull.deploy.app:build_app(args) as app ``name`` at ``/name``; returns its base URL."""
         from ray import serve
 
-        from deploy.app import build_app
+        from halffull.deploy.app import build_app
 
         serve.run(build_app(args), name=name, route_prefix=f"/{name}")
         self.apps.append(name)

@@ -10,8 +10,8 @@ import copy
 
 import pytest
 
-from replicas.engine.block_pool import BlockPool, cdiv
-from replicas.engine.request import Request, hash_token_blocks
+from halffull.replicas.engine.block_pool import BlockPool, cdiv
+from halffull.replicas.engine.request import Request, hash_token_blocks
 
 BS = 4
 

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loadtest.cli import main as cli_main
-from loadtest.cluster_sim import ClusterConfig, ClusterSim, load_trace_for, simulate
-from loadtest.traces import load_trace, poisson_trace
-from router.accounting import RouterAccounting, parse_stats
+from halffull.loadtest.cli import main as cli_main
+from halffull.loadtest.cluster_sim import ClusterConfig, ClusterSim, load_trace_for, simulate
+from halffull.loadtest.traces import load_trace, poisson_trace
+from halffull.router.accounting import RouterAccounting, parse_stats
 
 GOLDEN_KEYS = ("completed", "ttft_mean", "ttft_p99", "tpot_mean", "e2e_p99", "preemptions_per_request",
                "prefix_hit_rate")
@@ -140,7 +140,7 @@ _ODD_VALUES = st.sampled_from([0, 1, -1, 7, 0.0, 2.0, -0.5, 1e308, -1e308, float
 @given(st.dictionaries(st.sampled_from(sorted(_GOOD_STATS)), _ODD_VALUES, max_size=4), st.sets(st.sampled_from(
     sorted(_GOOD_STATS)), max_size=2))
 def test_stats_fast_path_agrees_with_the_field_checks(changes, dropped):
-    from router.accounting import _checked_values, _published_values
+    from halffull.router.accounting import _checked_values, _published_values
 
     stats = {k: v for k, v in {**_GOOD_STATS, **changes}.items() if k not in dropped}
     fast, checked = _published_values(stats), _checked_values(stats)
@@ -190,7 +190,7 @@ def test_cli_bad_input_exits_2(argv, capsys):
 
 
 def test_bench_sim_reports_rates_and_checks_the_jump_against_stepping():
-    from loadtest.bench import bench_sim, compare_records
+    from halffull.loadtest.bench import bench_sim, compare_records
 
     r = bench_sim(repeats=1, reference_limit=150)
     assert r["requests"] == r["completed"] > 10_000

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import compare, report
-from loadtest.cli import main
-from loadtest.cluster_sim import ClusterConfig
-from loadtest.metrics import Slo
+from halffull.loadtest import compare, report
+from halffull.loadtest.cli import main
+from halffull.loadtest.cluster_sim import ClusterConfig
+from halffull.loadtest.metrics import Slo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["compare", "--trace", "azure_conv", "--routers", "pow2,sal", "--engine-policies", "fcfs",

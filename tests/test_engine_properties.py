@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replicas.engine.block_pool import cdiv
-from replicas.engine.request import RequestStatus
+from halffull.replicas.engine.block_pool import cdiv
+from halffull.replicas.engine.request import RequestStatus
 from tests.helpers import make_sched, req
 
 MAX_STEPS = 20_000

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from replicas.engine.request import RequestStatus, hash_trace_blocks
+from halffull.replicas.engine.request import RequestStatus, hash_trace_blocks
 from tests.helpers import make_sched, req, run_to_idle, step, step_out
 
 

@@ -27,14 +27,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import replicas.engine.larry as larry_module
-from replicas.engine.block_pool import cdiv
-from replicas.engine.larry import LarryParams, LarryPolicy, pressure_weight
-from replicas.engine.policies import Admission, FcfsPolicy, engine_policy_names, make_engine_policy
-from replicas.engine.request import Request
-from replicas.engine.scheduler import Scheduler, SchedulerConfig
-from replicas.sim.latency import LatencyModel
-from replicas.sim.virtual import SimReplica
+import halffull.replicas.engine.larry as larry_module
+from halffull.replicas.engine.block_pool import cdiv
+from halffull.replicas.engine.larry import LarryParams, LarryPolicy, pressure_weight
+from halffull.replicas.engine.policies import Admission, FcfsPolicy, engine_policy_names, make_engine_policy
+from halffull.replicas.engine.request import Request
+from halffull.replicas.engine.scheduler import Scheduler, SchedulerConfig
+from halffull.replicas.sim.latency import LatencyModel
+from halffull.replicas.sim.virtual import SimReplica
 
 ALL_OFF = dict(pressure_order=False, growth_reserve=False, least_progress_victim=False)
 
@@ -456,8 +456,8 @@ def test_sim_replica_survives_self_preemption():
 
 
 def test_realtime_engine_survives_self_preemption():
-    from replicas.backend import GenerateRequest
-    from replicas.sim.realtime import AsyncSimEngine
+    from halffull.replicas.backend import GenerateRequest
+    from halffull.replicas.sim.realtime import AsyncSimEngine
 
     async def run() -> list[int]:
         engine = AsyncSimEngine.from_config({

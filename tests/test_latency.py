@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replicas.sim.latency import GpuSpec, LatencyModel, ModelSpec, list_profiles, load_profiles
+from halffull.replicas.sim.latency import GpuSpec, LatencyModel, ModelSpec, list_profiles, load_profiles
 
 
 def h100_8b(**overrides) -> LatencyModel:

@@ -13,9 +13,9 @@ import math
 import psutil
 import pytest
 
-from loadtest import live
-from loadtest.cluster_sim import ClusterConfig, ClusterSim
-from loadtest.metrics import RequestRecord
+from halffull.loadtest import live
+from halffull.loadtest.cluster_sim import ClusterConfig, ClusterSim
+from halffull.loadtest.metrics import RequestRecord
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -31,7 +31,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ids=["real-time", "2x", "floored", "perfect-info"],
 )
 def test_app_args_match_the_simulator(speedup, stats_period, wall_period):
-    from deploy.app import AppConfig
+    from halffull.deploy.app import AppConfig
 
     cfg = ClusterConfig(num_replicas=3, router="pow2", engine_policy="larry", engine_params={"tau": 0.2}, gpu="a10g",
                         stats_period_s=stats_period, num_routers=2, seed=7)

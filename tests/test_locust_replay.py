@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-# Never import loadtest.locustfile here: importing locust monkey-patches the whole process with gevent.
+# Never import halffull.loadtest.locustfile here: importing locust monkey-patches the whole process with gevent.
 LOCUSTFILE = Path(__file__).resolve().parents[1] / "loadtest" / "locustfile.py"
 NUM_REQUESTS = 40
 

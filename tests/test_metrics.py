@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loadtest.metrics import (
+from halffull.loadtest.metrics import (
     SATURATION_MAX_FAILED_FRACTION,
     RequestRecord,
     Slo,

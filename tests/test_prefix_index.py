@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.prefix_index import PrefixIndex
+from halffull.router.prefix_index import PrefixIndex
 
 
 def index_with(*sent: tuple[tuple[int, ...], str], max_entries: int = 1000) -> PrefixIndex:

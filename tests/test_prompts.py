@@ -7,10 +7,10 @@ import itertools
 
 import pytest
 
-from deploy.tokenizer import SimTokenizer
-from loadtest.prompts import WORD_BASE, WORDS, PromptSynthesizer, synthesize_prompts
-from loadtest.traces import TraceRequest, load_trace
-from replicas.engine.request import hash_token_blocks
+from halffull.deploy.tokenizer import SimTokenizer
+from halffull.loadtest.prompts import WORD_BASE, WORDS, PromptSynthesizer, synthesize_prompts
+from halffull.loadtest.traces import TraceRequest, load_trace
+from halffull.replicas.engine.request import hash_token_blocks
 
 TOK = SimTokenizer()
 BLOCK = 512

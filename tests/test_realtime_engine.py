@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from replicas.backend import GenerateRequest, RequestOutcome
-from replicas.engine.policies import engine_policy_names
-from replicas.engine.stats import STATS_KEYS
-from replicas.sim.realtime import AsyncSimEngine, SimEngineConfig, pseudo_eos_tokens
+from halffull.replicas.backend import GenerateRequest, RequestOutcome
+from halffull.replicas.engine.policies import engine_policy_names
+from halffull.replicas.engine.stats import STATS_KEYS
+from halffull.replicas.sim.realtime import AsyncSimEngine, SimEngineConfig, pseudo_eos_tokens
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -301,6 +301,6 @@ def test_every_engine_policy_serves_a_burst_under_memory_pressure(policy):
     ids=["after-idle", "small-lag", "bound", "stall", "early"],
 )
 def test_next_deadline(prev, now, dt, expected):
-    from replicas.sim.realtime import next_deadline
+    from halffull.replicas.sim.realtime import next_deadline
 
     assert next_deadline(prev, now, dt, max_catchup=0.010) == pytest.approx(expected)

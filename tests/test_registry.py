@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from router.registry import POLICY_NAMES, make_policy, params_class
-from router.types import ReplicaSnapshot, RequestView
+from halffull.router.registry import POLICY_NAMES, make_policy, params_class
+from halffull.router.types import ReplicaSnapshot, RequestView
 
 EXPECTED_NAMES = ("round_robin", "random", "pow2", "least_requests", "prefix_aware", "sal")
 

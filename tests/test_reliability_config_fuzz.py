@@ -24,13 +24,13 @@ from hypothesis import strategies as st
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
 from ray.serve.request_router import PendingRequest
 
-from deploy.app import RAY_DEFAULT_ROUTER, AppConfig, build_app
-from replicas.engine.larry import LarryParams
-from replicas.engine.policies import engine_policy_names
-from replicas.engine.stats import STATS_KEYS
-from replicas.sim.realtime import AsyncSimEngine, SimEngineConfig
-from router.registry import POLICY_NAMES, params_class
-from router.serve_router import HalffullRequestRouter, routing_kwarg
+from halffull.deploy.app import RAY_DEFAULT_ROUTER, AppConfig, build_app
+from halffull.replicas.engine.larry import LarryParams
+from halffull.replicas.engine.policies import engine_policy_names
+from halffull.replicas.engine.stats import STATS_KEYS
+from halffull.replicas.sim.realtime import AsyncSimEngine, SimEngineConfig
+from halffull.router.registry import POLICY_NAMES, params_class
+from halffull.router.serve_router import HalffullRequestRouter, routing_kwarg
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -16,7 +16,7 @@ import pytest
 import ray.exceptions
 from ray.serve.exceptions import BackPressureError
 
-from deploy.app import (
+from halffull.deploy.app import (
     API_KEYS_ENV,
     API_KEYS_FILE_ENV,
     ApiError,
@@ -29,8 +29,8 @@ from deploy.app import (
     load_api_keys,
     resolve_max_tokens,
 )
-from replicas.backend import GenerateRequest, RequestOutcome
-from replicas.sim.realtime import AsyncSimEngine, EngineDeadError, EngineOverloadedError
+from halffull.replicas.backend import GenerateRequest, RequestOutcome
+from halffull.replicas.sim.realtime import AsyncSimEngine, EngineDeadError, EngineOverloadedError
 
 pytestmark = pytest.mark.timeout(60)
 

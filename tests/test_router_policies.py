@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.accounting import RouterAccounting
-from router.estimate import OutputLengthEstimator
-from router.registry import POLICY_NAMES, make_policy
-from router.types import Completion, ReplicaSnapshot, RequestView
+from halffull.router.accounting import RouterAccounting
+from halffull.router.estimate import OutputLengthEstimator
+from halffull.router.registry import POLICY_NAMES, make_policy
+from halffull.router.types import Completion, ReplicaSnapshot, RequestView
 
 BLOCK = 16  # prefix block size (tokens) used by the tests
 

@@ -10,9 +10,9 @@ import ray.exceptions
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from deploy.app import RAY_DEFAULT_ROUTER, AppConfig, _classify, build_app
-from replicas.engine.policies import engine_policy_names
-from router.registry import POLICY_NAMES
+from halffull.deploy.app import RAY_DEFAULT_ROUTER, AppConfig, _classify, build_app
+from halffull.replicas.engine.policies import engine_policy_names
+from halffull.router.registry import POLICY_NAMES
 
 CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "serve_config.yaml"
 
@@ -26,7 +26,7 @@ def test_config_validates_and_binds_loopback():
     schema = ServeDeploySchema.parse_obj(raw)
     assert schema.http_options.host == "127.0.0.1"
     (app,) = schema.applications
-    assert app.import_path == "deploy.app:build_app"
+    assert app.import_path == "halffull.deploy.app:build_app"
     assert "runtime_env" not in raw["applications"][0] or not raw["applications"][0]["runtime_env"].get("working_dir")
     args = raw["applications"][0]["args"]
     assert (args["num_replicas"], args["router"], args["engine_policy"], args["gpu"], args["model"]) == (
@@ -45,7 +45,7 @@ def test_default_app_builds_with_the_halffull_router():
     config = deployment_options(app)
     assert config.num_replicas == 4 and config.max_ongoing_requests == 512
     router = config.request_router_config
-    assert router.request_router_class == "router.serve_router:HalffullRequestRouter"
+    assert router.request_router_class == "halffull.router.serve_router:HalffullRequestRouter"
     assert router.request_router_kwargs["policy"] == "sal"
     assert router.request_routing_stats_period_s == 0.5
 

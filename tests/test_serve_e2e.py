@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
-from deploy.tokenizer import SimTokenizer
-from replicas.sim.realtime import pseudo_eos_tokens
+from halffull.deploy.tokenizer import SimTokenizer
+from halffull.replicas.sim.realtime import pseudo_eos_tokens
 from tests.serve_support import replica_actor, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]

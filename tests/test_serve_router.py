@@ -13,10 +13,10 @@ import pytest
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
 from ray.serve.request_router import PendingRequest
 
-from replicas.engine.request import hash_token_blocks
-from router import serve_router
-from router.registry import POLICY_NAMES
-from router.serve_router import HalffullRequestRouter, report_completion, request_view, routing_kwarg
+from halffull.replicas.engine.request import hash_token_blocks
+from halffull.router import serve_router
+from halffull.router.registry import POLICY_NAMES
+from halffull.router.serve_router import HalffullRequestRouter, report_completion, request_view, routing_kwarg
 
 DEP = DeploymentID(name="LLMReplica", app_name="app")
 

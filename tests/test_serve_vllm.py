@@ -21,7 +21,7 @@ from tests.vllm_support import require_vllm
 
 require_vllm()
 
-from replicas.vllm.tiny_model import make_tiny_model  # noqa: E402  (torch + transformers, after the skip check)
+from halffull.replicas.vllm.tiny_model import make_tiny_model  # noqa: E402  (torch + transformers, after the skip check)
 
 pytestmark = [pytest.mark.ray, pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -37,7 +37,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(model_dir):
-    from deploy.hf_tokenizer import HfTokenizer
+    from halffull.deploy.hf_tokenizer import HfTokenizer
 
     return HfTokenizer.load(model_dir)
 
@@ -173,7 +173,7 @@ def test_prefix_cache_hits_are_reported(client, tok):
 
 # ---- engine numbers in the routing stats -------------------------------------------------------------------
 def test_routing_stats_carry_the_engines_numbers(client):
-    from router.accounting import RouterAccounting, parse_stats
+    from halffull.router.accounting import RouterAccounting, parse_stats
 
     client.completions.create(model=MODEL, prompt="warm", max_tokens=2)
     stats = wait_until(all_idle, 30, message="idle replicas")

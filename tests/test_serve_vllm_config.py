@@ -11,8 +11,8 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from deploy.app import AppConfig, build_app
-from replicas.vllm.config import VllmEngineConfig
+from halffull.deploy.app import AppConfig, build_app
+from halffull.replicas.vllm.config import VllmEngineConfig
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -22,7 +22,7 @@ def app_args(name: str) -> dict:
     schema = ServeDeploySchema.parse_obj(raw)
     assert schema.http_options.host == "127.0.0.1"
     (app,) = schema.applications
-    assert app.import_path == "deploy.app:build_app"
+    assert app.import_path == "halffull.deploy.app:build_app"
     return raw["applications"][0]["args"]
 
 
@@ -108,8 +108,8 @@ def test_engine_kwargs_pass_through():
 def test_hf_stream_decoder_matches_full_decode():
     pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")
-    from deploy.hf_tokenizer import HfTokenizer
-    from replicas.vllm.tiny_model import build_tokenizer
+    from halffull.deploy.hf_tokenizer import HfTokenizer
+    from halffull.replicas.vllm.tiny_model import build_tokenizer
 
     tok = HfTokenizer(build_tokenizer(), "tiny")
     text = "Héllo wörld — schedulers 🚀 are half-full. 42"

@@ -18,11 +18,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replicas.engine.policies import make_engine_policy
-from replicas.engine.request import Request, RequestStatus
-from replicas.engine.scheduler import Scheduler, SchedulerConfig
-from replicas.sim.latency import LatencyModel
-from replicas.sim.virtual import SimReplica
+from halffull.replicas.engine.policies import make_engine_policy
+from halffull.replicas.engine.request import Request, RequestStatus
+from halffull.replicas.engine.scheduler import Scheduler, SchedulerConfig
+from halffull.replicas.sim.latency import LatencyModel
+from halffull.replicas.sim.virtual import SimReplica
 from tests.helpers import make_sched, req
 
 LATENCY = LatencyModel.from_profile("h100", "llama3-8b")
@@ -302,8 +302,8 @@ def _replicas_with_refreshes(policy: str, load: str, mode: str):
     """Replay a stream with a stats refresh every 20 ms. ``mode``: "stats" is the replica's own ``stats``
     (a pending run's started steps are counted, not applied), "applied" the reference (``materialize`` then
     ``engine_stats`` on the scheduler), "none" no refresh at all (only ``advance_to`` at the ticks)."""
-    from replicas.engine.stats import engine_stats
-    from router.estimate import OutputLengthEstimator
+    from halffull.replicas.engine.stats import engine_stats
+    from halffull.router.estimate import OutputLengthEstimator
 
     num_blocks, rate, n = LOADS[load]
     specs = request_stream(5, n // 3, rate)

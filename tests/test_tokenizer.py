@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deploy.tokenizer import BEGIN_OF_TEXT, END_HEADER, EOT, SPECIAL_TOKENS, START_HEADER, SimTokenizer
+from halffull.deploy.tokenizer import BEGIN_OF_TEXT, END_HEADER, EOT, SPECIAL_TOKENS, START_HEADER, SimTokenizer
 
 TOK = SimTokenizer()
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from loadtest import traces as traces_mod
-from loadtest.traces import (
+from halffull.loadtest import traces as traces_mod
+from halffull.loadtest.traces import (
     BUILTIN_TRACES,
     TRACE_BLOCK_TOKENS,
     Trace,

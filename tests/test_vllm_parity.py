@@ -15,7 +15,7 @@ require_vllm()
 
 import vllm  # noqa: E402,F401  (the module's one vLLM import, after the skip check)
 
-from replicas.vllm.parity import ParityConfig, run_parity, write_model_config  # noqa: E402
+from halffull.replicas.vllm.parity import ParityConfig, run_parity, write_model_config  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
 
@@ -55,7 +55,7 @@ def test_identical_decisions(config_dir, overrides):
 
 def test_harness_sees_a_planted_difference(config_dir, monkeypatch):
     # halffull keeps the full-ISL admission gate while vLLM runs without it: admissions must differ.
-    import replicas.vllm.parity as parity
+    import halffull.replicas.vllm.parity as parity
 
     real = parity.SchedulerConfig
     monkeypatch.setattr(parity, "SchedulerConfig", lambda **kw: real(**{**kw, "reserve_full_isl": True}))

@@ -23,15 +23,15 @@ require_vllm()
 from vllm import LLM, SamplingParams  # noqa: E402  (the module's one vLLM import, after the skip check)
 from vllm.v1.core.sched.request_queue import FCFSRequestQueue  # noqa: E402
 
-from replicas.engine.policies import Admission, EnginePolicy, FcfsPolicy, make_engine_policy  # noqa: E402
-from replicas.vllm import parity  # noqa: E402
-from replicas.vllm.scheduler import (  # noqa: E402
+from halffull.replicas.engine.policies import Admission, EnginePolicy, FcfsPolicy, make_engine_policy  # noqa: E402
+from halffull.replicas.vllm import parity  # noqa: E402
+from halffull.replicas.vllm.scheduler import (  # noqa: E402
     ADMISSION_FIELDS,
     HalffullScheduler,
     PolicyRequestQueue,
     policy_from_config,
 )
-from replicas.vllm.tiny_model import make_tiny_model  # noqa: E402
+from halffull.replicas.vllm.tiny_model import make_tiny_model  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -294,7 +294,7 @@ def test_make_tiny_model_subcommand_is_deterministic(model_dir, tmp_path):
     import hashlib
     import os
 
-    from loadtest.make_tiny_model import register
+    from halffull.loadtest.make_tiny_model import register
 
     parser = argparse.ArgumentParser(prog="halffull")
     register(parser.add_subparsers(dest="command", required=True))
@@ -344,7 +344,7 @@ def engine_runs(model_dir):
     runs = {"vllm": _run_engine(model_dir)}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HALFFULL_ENGINE_POLICY", "fcfs")  # chosen through the environment
-        runs["fcfs"] = _run_engine(model_dir, scheduler_cls="replicas.vllm.scheduler.HalffullScheduler")
+        runs["fcfs"] = _run_engine(model_dir, scheduler_cls="halffull.replicas.vllm.scheduler.HalffullScheduler")
     larry = {"halffull": {"engine_policy": "larry", "engine_params": {"tau": 0.05}}}  # through vLLM's config
     runs["larry"] = _run_engine(model_dir, scheduler_cls=HalffullScheduler, additional_config=larry)
     summary = ", ".join(f"{k}: {v['preemptions']} preemptions ({v['wall_s']:.1f}s)" for k, v in runs.items())

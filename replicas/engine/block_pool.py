@@ -44,7 +44,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Sequence
 
-from replicas.engine.request import Request
+from halffull.replicas.engine.request import Request
 
 
 def cdiv(a: int, b: int) -> int:

@@ -44,7 +44,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from replicas.engine.policies import Admission, EnginePolicy, EngineView, RequestLike, register
+from halffull.replicas.engine.policies import Admission, EnginePolicy, EngineView, RequestLike, register
 
 
 @dataclass(frozen=True)

@@ -183,6 +183,6 @@ def make_engine_policy(name: str, params: dict[str, Any] | None = None) -> Engin
 def _load_optional() -> None:
     # LARRY lives in its own module and registers itself on import.
     try:
-        import replicas.engine.larry  # noqa: F401
+        import halffull.replicas.engine.larry  # noqa: F401
     except ImportError:  # pragma: no cover - module not written yet
         pass

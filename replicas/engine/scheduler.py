@@ -28,9 +28,9 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
-from replicas.engine.block_pool import BlockPool, cdiv
-from replicas.engine.policies import Admission, EnginePolicy, FcfsPolicy
-from replicas.engine.request import Request, RequestStatus, hash_token_blocks
+from halffull.replicas.engine.block_pool import BlockPool, cdiv
+from halffull.replicas.engine.policies import Admission, EnginePolicy, FcfsPolicy
+from halffull.replicas.engine.request import Request, RequestStatus, hash_token_blocks
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from replicas.engine.scheduler import Scheduler
-from router.estimate import OutputLengthEstimator
+from halffull.replicas.engine.scheduler import Scheduler
+from halffull.router.estimate import OutputLengthEstimator
 
 STATS_KEYS = (
     "num_running", "num_waiting", "num_waiting_prompt_tokens", "num_decode_tokens_remaining",

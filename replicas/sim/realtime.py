@@ -57,14 +57,14 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Mapping, Sequence
 
-from replicas.backend import GenerateRequest, RequestOutcome
-from replicas.engine.policies import make_engine_policy
-from replicas.engine.request import Request, RequestStatus
-from replicas.engine.scheduler import Scheduler, SchedulerConfig
-from replicas.engine.stats import engine_stats
-from replicas.sim.latency import LatencyModel
-from replicas.sim.virtual import step_cost
-from router.estimate import OutputLengthEstimator
+from halffull.replicas.backend import GenerateRequest, RequestOutcome
+from halffull.replicas.engine.policies import make_engine_policy
+from halffull.replicas.engine.request import Request, RequestStatus
+from halffull.replicas.engine.scheduler import Scheduler, SchedulerConfig
+from halffull.replicas.engine.stats import engine_stats
+from halffull.replicas.sim.latency import LatencyModel
+from halffull.replicas.sim.virtual import step_cost
+from halffull.router.estimate import OutputLengthEstimator
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ def _describe(hint: Any) -> str:
 
 def check_engine_params(policy: str, params: Mapping[str, Any]) -> None:
     """Fail (ValueError) on an unknown engine policy or ill-typed / unknown / out-of-range params."""
-    from router.registry import build_params  # the one strict params checker (int vs bool vs float)
+    from halffull.router.registry import build_params  # the one strict params checker (int vs bool vs float)
 
     if not isinstance(policy, str):
         raise ValueError(f"engine_policy must be a string, got {policy!r}")

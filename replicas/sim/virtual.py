@@ -20,10 +20,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from replicas.engine.request import Request
-from replicas.engine.scheduler import Scheduler, SchedulerOutput
-from replicas.engine.stats import engine_stats
-from replicas.sim.latency import DecodeRunTimes, LatencyModel
+from halffull.replicas.engine.request import Request
+from halffull.replicas.engine.scheduler import Scheduler, SchedulerOutput
+from halffull.replicas.engine.stats import engine_stats
+from halffull.replicas.sim.latency import DecodeRunTimes, LatencyModel
 
 
 def step_cost(out: SchedulerOutput) -> tuple[int, int, int]:

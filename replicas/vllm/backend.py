@@ -45,15 +45,15 @@ import os
 import time
 from typing import Any, AsyncIterator, Mapping
 
-from replicas.backend import GenerateRequest, RequestOutcome
-from replicas.sim.realtime import EngineDeadError, EngineOverloadedError
-from replicas.vllm.config import VllmEngineConfig
-from router.estimate import OutputLengthEstimator
+from halffull.replicas.backend import GenerateRequest, RequestOutcome
+from halffull.replicas.sim.realtime import EngineDeadError, EngineOverloadedError
+from halffull.replicas.vllm.config import VllmEngineConfig
+from halffull.router.estimate import OutputLengthEstimator
 
 logger = logging.getLogger(__name__)
 
-SCHEDULER = "replicas.vllm.engine_stats.ServingScheduler"
-ASYNC_SCHEDULER = "replicas.vllm.engine_stats.ServingAsyncScheduler"
+SCHEDULER = "halffull.replicas.vllm.engine_stats.ServingScheduler"
+ASYNC_SCHEDULER = "halffull.replicas.vllm.engine_stats.ServingAsyncScheduler"
 STATS_TIMEOUT_S = 5.0
 FINISH_REASONS = {"stop": "stop", "length": "length"}  # vLLM's; anything else (abort, error) reads as abort
 
@@ -197,7 +197,7 @@ class VllmBackend:
     async def refresh_stats(self) -> None:
         """Fetch the engine-side stats from the scheduler in the engine process (one utility call, answered
         between two engine steps). On failure the previous stats stay, with their old ``stats_time``."""
-        from replicas.vllm.engine_stats import UTILITY_METHOD
+        from halffull.replicas.vllm.engine_stats import UTILITY_METHOD
 
         try:
             stats = await asyncio.wait_for(self.llm.engine_core.call_utility_async(UTILITY_METHOD),

@@ -63,7 +63,7 @@ class VllmEngineConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None) -> "VllmEngineConfig":
-        from replicas.sim.realtime import check_field_types, known_fields  # the one strict YAML checker
+        from halffull.replicas.sim.realtime import check_field_types, known_fields  # the one strict YAML checker
 
         values = known_fields(cls, values, "vllm option", " (other vLLM engine arguments go under vllm.engine_args)")
         config = cls(**check_field_types(cls, values, "vllm option"))

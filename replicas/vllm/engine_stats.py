@@ -36,7 +36,7 @@ from typing import Any
 
 from vllm.v1.engine.core import EngineCore
 
-from replicas.vllm.scheduler import HalffullAsyncScheduler, HalffullScheduler
+from halffull.replicas.vllm.scheduler import HalffullAsyncScheduler, HalffullScheduler
 
 UTILITY_METHOD = "halffull_routing_stats"
 

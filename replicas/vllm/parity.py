@@ -11,8 +11,8 @@ every request whose computed tokens caught up.
 Compared every step: tokens scheduled per request, admissions (with their prefix-hit tokens), preemptions,
 finished requests, and free KV blocks after the step. A step matches when all of these are equal.
 
-    python -m replicas.vllm.parity              # the standard matrix (below), about 30 s
-    python -m replicas.vllm.parity --single [--policy larry] [--no-full-isl] [--no-prefix-caching] ...
+    python -m halffull.replicas.vllm.parity              # the standard matrix (below), about 30 s
+    python -m halffull.replicas.vllm.parity --single [--policy larry] [--no-full-isl] [--no-prefix-caching] ...
 
 Both engines run vLLM 0.32's defaults unless a row says otherwise: prefix caching on and the
 ``scheduler_reserve_full_isl`` admission gate (halffull: ``SchedulerConfig.reserve_full_isl``). The standard
@@ -46,10 +46,10 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from replicas.engine.policies import EnginePolicy, make_engine_policy
-from replicas.engine.request import Request as HfRequest
-from replicas.engine.scheduler import Scheduler as HfScheduler
-from replicas.engine.scheduler import SchedulerConfig
+from halffull.replicas.engine.policies import EnginePolicy, make_engine_policy
+from halffull.replicas.engine.request import Request as HfRequest
+from halffull.replicas.engine.scheduler import Scheduler as HfScheduler
+from halffull.replicas.engine.scheduler import SchedulerConfig
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ class VllmSide:
         from vllm.v1.request import Request
         from vllm.v1.structured_output import StructuredOutputManager
 
-        from replicas.vllm import tiny_model
+        from halffull.replicas.vllm import tiny_model
 
         self._Request, self._SamplingParams, self._ModelRunnerOutput = Request, SamplingParams, ModelRunnerOutput
         vllm_config = EngineArgs(
@@ -301,7 +301,7 @@ def _short(value: Any) -> str:
 
 def write_model_config(out_dir: str) -> str:
     """Only config.json of the tiny Llama: all vLLM needs to build a VllmConfig without running the model."""
-    from replicas.vllm.tiny_model import llama_config
+    from halffull.replicas.vllm.tiny_model import llama_config
 
     llama_config().save_pretrained(out_dir)
     return out_dir
@@ -357,7 +357,7 @@ def _vllm_side(cfg: ParityConfig, workload: Workload, model_dir: str, clock: "_S
         from vllm.v1.core.sched.scheduler import Scheduler
 
         return VllmSide(cfg, workload, Scheduler, model_dir), "Scheduler"
-    from replicas.vllm.scheduler import HalffullAsyncScheduler, HalffullScheduler
+    from halffull.replicas.vllm.scheduler import HalffullAsyncScheduler, HalffullScheduler
 
     classes = {"halffull": HalffullScheduler, "halffull_async": HalffullAsyncScheduler}
     if kind not in classes:
@@ -377,7 +377,7 @@ class _StepClock:
         return self.now
 
 
-# The standard runs of ``python -m replicas.vllm.parity``: (label, overrides of the base config).
+# The standard runs of ``python -m halffull.replicas.vllm.parity``: (label, overrides of the base config).
 MATRIX: list[tuple[str, dict[str, Any]]] = [
     ("fcfs, vLLM defaults (prefix caching, full-ISL gate)", dict()),
     ("fcfs, full-ISL gate off in both", dict(reserve_full_isl=False)),

@@ -1,6 +1,6 @@
 """halffull's engine policies inside vLLM's V1 scheduler: a thin ``Scheduler`` subclass.
 
-    LLM(model, scheduler_cls="replicas.vllm.scheduler.HalffullScheduler", ...)        # or --scheduler-cls
+    LLM(model, scheduler_cls="halffull.replicas.vllm.scheduler.HalffullScheduler", ...)        # or --scheduler-cls
     HALFFULL_ENGINE_POLICY=larry  HALFFULL_ENGINE_PARAMS='{"tau": 0.05}'                 # which policy
 
 The same policy object that runs in halffull's engine core (replicas/engine/policies.py, larry.py) makes
@@ -67,12 +67,12 @@ from vllm.v1.core.sched.request_queue import RequestQueue, SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
-from replicas.engine.policies import Admission, EnginePolicy, make_engine_policy
+from halffull.replicas.engine.policies import Admission, EnginePolicy, make_engine_policy
 
 ENV_POLICY = "HALFFULL_ENGINE_POLICY"
 ENV_PARAMS = "HALFFULL_ENGINE_PARAMS"
 ADDITIONAL_CONFIG_KEY = "halffull"
-# Every field of replicas.engine.policies.Admission that _admission fills (a test checks none is missing).
+# Every field of halffull.replicas.engine.policies.Admission that _admission fills (a test checks none is missing).
 ADMISSION_FIELDS = frozenset(
     {"request", "num_hit_tokens", "num_new_tokens", "blocks_now", "blocks_full", "blocks_prompt"}
 )

@@ -13,7 +13,7 @@ encodable and the merges are the same on every machine), special tokens ``<s>`` 
 Deterministic for a seed: the weights come from ``torch.manual_seed(seed)``; the tokenizer does not depend
 on the seed. Building takes a few seconds, most of it importing torch and transformers.
 
-    python -m replicas.vllm.tiny_model DIR [--seed 0]     or     halffull make-tiny-model DIR
+    python -m halffull.replicas.vllm.tiny_model DIR [--seed 0]     or     halffull make-tiny-model DIR
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def make_tiny_model(out_dir: str, seed: int = 0) -> str:
     model.save_pretrained(out_dir, safe_serialization=True)
     # Record how it was made, next to the weights.
     with open(os.path.join(out_dir, "halffull_tiny_model.json"), "w") as f:
-        json.dump({"seed": seed, "made_by": "replicas.vllm.tiny_model"}, f, indent=2, sort_keys=True)
+        json.dump({"seed": seed, "made_by": "halffull.replicas.vllm.tiny_model"}, f, indent=2, sort_keys=True)
     return out_dir
 
 

@@ -1,7 +1,7 @@
 """Load-balancing policies (DESIGN.md §4.1) and the few helpers they share.
 
 One module per policy; its docstring is the policy's full spec and its frozen ``Params`` dataclass holds every
-default. ``router.registry`` names them (``make_policy``, ``POLICY_NAMES``).
+default. ``halffull.router.registry`` names them (``make_policy``, ``POLICY_NAMES``).
 
 Common contract of every ``choose(request, replicas, *, now, rng)``:
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from router.types import Completion, ReplicaSnapshot, RequestView, Rng, Tiers
+from halffull.router.types import Completion, ReplicaSnapshot, RequestView, Rng, Tiers
 
 # ReplicaSnapshot.outstanding_requests as a plain function: ``map(outstanding, replicas)`` is cheaper than
 # attribute access to the property in a Python loop, and keeps types.py the one definition.

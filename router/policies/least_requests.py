@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from router.policies import Stateless, outstanding, rank_ascending
-from router.types import ReplicaSnapshot, RequestView, Rng, Tiers
+from halffull.router.policies import Stateless, outstanding, rank_ascending
+from halffull.router.types import ReplicaSnapshot, RequestView, Rng, Tiers
 
 NAME = "least_requests"
 

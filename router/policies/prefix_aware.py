@@ -34,9 +34,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from router.policies import outstanding, rank_ascending
-from router.prefix_index import PrefixIndex
-from router.types import Completion, ReplicaSnapshot, RequestView, Rng, Tiers
+from halffull.router.policies import outstanding, rank_ascending
+from halffull.router.prefix_index import PrefixIndex
+from halffull.router.types import Completion, ReplicaSnapshot, RequestView, Rng, Tiers
 
 NAME = "prefix_aware"
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from router.policies import Stateless, rank_random
-from router.types import ReplicaSnapshot, RequestView, Rng, Tiers
+from halffull.router.policies import Stateless, rank_random
+from halffull.router.types import ReplicaSnapshot, RequestView, Rng, Tiers
 
 NAME = "random"
 

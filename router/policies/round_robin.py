@@ -22,8 +22,8 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Sequence
 
-from router.policies import Stateless
-from router.types import ReplicaSnapshot, RequestView, Rng, Tiers
+from halffull.router.policies import Stateless
+from halffull.router.types import ReplicaSnapshot, RequestView, Rng, Tiers
 
 NAME = "round_robin"
 

@@ -73,9 +73,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from router.estimate import OutputLengthEstimator
-from router.prefix_index import PrefixIndex
-from router.types import Completion, ReplicaSnapshot, RequestView, Rng, Tiers
+from halffull.router.estimate import OutputLengthEstimator
+from halffull.router.prefix_index import PrefixIndex
+from halffull.router.types import Completion, ReplicaSnapshot, RequestView, Rng, Tiers
 
 NAME = "sal"
 
