@@ -12,7 +12,7 @@ keyword argument ``routing`` built by ``routing_kwarg``::
 
     handle.options(stream=True).generate.remote(request, routing={
         "request_id": "cmpl-...", "num_prompt_tokens": 812, "max_tokens": 128,
-        "prefix_hashes": [h0, h1, ...],   # halffull.replicas.engine.request.hash_token_blocks(prompt ids, block size)
+        "prefix_hashes": [h0, h1, ...],   # halffull.prefix_hash.hash_token_blocks(prompt ids, block size)
         "prefix_block_size": 64,
     })
 
@@ -78,7 +78,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from halffull.replicas.engine.request import hash_token_blocks
+from halffull.prefix_hash import hash_token_blocks
 from halffull.router.accounting import RouterAccounting
 from halffull.router.estimate import OutputLengthEstimator
 from halffull.router.registry import make_policy

@@ -10,8 +10,9 @@ import copy
 
 import pytest
 
+from halffull.prefix_hash import hash_token_blocks
 from halffull.replicas.engine.block_pool import BlockPool, cdiv
-from halffull.replicas.engine.request import Request, hash_token_blocks
+from halffull.replicas.engine.request import Request
 
 BS = 4
 

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from halffull.loadtest.cli import main as cli_main
-from halffull.loadtest.cluster_sim import ClusterConfig, ClusterSim, load_trace_for, simulate
-from halffull.loadtest.traces import load_trace, poisson_trace
+from halffull.loadtest.sim.cluster import ClusterConfig, ClusterSim, load_trace_for, simulate
+from halffull.loadtest.sim.traces import load_trace, poisson_trace
 from halffull.router.accounting import RouterAccounting, parse_stats
 
 GOLDEN_KEYS = ("completed", "ttft_mean", "ttft_p99", "tpot_mean", "e2e_p99", "preemptions_per_request",
@@ -190,7 +190,7 @@ def test_cli_bad_input_exits_2(argv, capsys):
 
 
 def test_bench_sim_reports_rates_and_checks_the_jump_against_stepping():
-    from halffull.loadtest.bench import bench_sim, compare_records
+    from halffull.loadtest.bench.sim import bench_sim, compare_records
 
     r = bench_sim(repeats=1, reference_limit=150)
     assert r["requests"] == r["completed"] > 10_000

@@ -1,4 +1,5 @@
-"""``halffull compare`` (loadtest/compare.py) and its writers (loadtest/report.py), on a tiny sweep."""
+"""``halffull compare`` (loadtest/experiments/compare.py, sweep.py) and its writers (loadtest/experiments/report.py),
+on a tiny sweep."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from halffull.loadtest import compare, report
+from halffull.loadtest.experiments import compare, report, sweep
 from halffull.loadtest.cli import main
-from halffull.loadtest.cluster_sim import ClusterConfig
-from halffull.loadtest.metrics import Slo
+from halffull.loadtest.sim.cluster import ClusterConfig
+from halffull.loadtest.sim.metrics import Slo
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TINY = ["compare", "--trace", "azure_conv", "--routers", "pow2,sal", "--engine-policies", "fcfs",
@@ -108,28 +109,28 @@ def test_bad_input_is_a_clean_error(tmp_path, capsys, extra, message):
 def test_every_preset_plans_and_quick_is_small():
     base = ClusterConfig()
     for name, experiments in compare.PRESETS.items():
-        runs = compare.plan(experiments, base)
+        runs = sweep.plan(experiments, base)
         assert runs, name
-    quick = compare.plan(compare.PRESETS["quick"], base)
+    quick = sweep.plan(compare.PRESETS["quick"], base)
     assert len({r.config.router for r in quick}) == 2 and len({r.config.engine_policy for r in quick}) == 1
     assert len({r.rate_scale for r in quick}) == 3 and all(r.limit and r.limit <= 2000 for r in quick)
 
 
 def test_preset_format_expresses_ablations():
-    exps = compare.grid(["azure_conv"], ["sal"], ["fcfs"], [2, 4], limit=100) + [
+    exps = sweep.grid(["azure_conv"], ["sal"], ["fcfs"], [2, 4], limit=100) + [
         {"label": "sal (no decode work)", "trace": "azure_conv", "rate_scales": [2, 4], "limit": 100,
          "config": {"router": "sal", "router_params": {"use_decode_work": False}}},
         {"label": "sal (stats 2 s)", "trace": "azure_conv", "rate_scales": [2], "limit": 100,
          "config": {"router": "sal", "stats_period_s": 2.0}},
     ]
-    runs = compare.plan(exps, ClusterConfig(num_replicas=2))
+    runs = sweep.plan(exps, ClusterConfig(num_replicas=2))
     assert [(r.label, r.rate_scale) for r in runs] == [
         ("sal+fcfs", 2.0), ("sal+fcfs", 4.0), ("sal (no decode work)", 2.0), ("sal (no decode work)", 4.0),
         ("sal (stats 2 s)", 2.0)]
     assert runs[2].config.router_params == {"use_decode_work": False} and runs[2].config.num_replicas == 2
     assert runs[4].config.stats_period_s == 2.0
     # CLI --rate-scales / --limit replace the experiments' own
-    runs = compare.plan(exps, ClusterConfig(), rate_scales=[8], limit=10)
+    runs = sweep.plan(exps, ClusterConfig(), rate_scales=[8], limit=10)
     assert {(r.rate_scale, r.limit) for r in runs} == {(8.0, 10)}
 
 
@@ -143,13 +144,13 @@ def test_preset_format_expresses_ablations():
 ])
 def test_plan_rejects_bad_experiments(exp, message):
     with pytest.raises(ValueError, match=message):
-        compare.plan([exp], ClusterConfig())
+        sweep.plan([exp], ClusterConfig())
 
 
 def test_plan_rejects_duplicate_series():
     exp = {"trace": "azure_conv", "rate_scales": [1], "limit": 10, "config": {"router": "sal"}}
     with pytest.raises(ValueError, match="twice"):
-        compare.plan([exp, dict(exp)], ClusterConfig())
+        sweep.plan([exp, dict(exp)], ClusterConfig())
 
 
 def test_report_writers_are_pure_over_rows(tmp_path, sweep2):

@@ -1,5 +1,5 @@
-"""``halffull loadtest compare`` (loadtest/live.py): the live-vs-simulator mapping, the agreement figures, and one
-small live comparison (two routers, locust headless, ``--with-sim``) on the session's loopback Ray cluster."""
+"""``halffull loadtest compare`` (loadtest/live/compare.py): the live-vs-simulator mapping, the agreement figures,
+and one small live comparison (two routers, locust headless, ``--with-sim``) on the session's loopback Ray cluster."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import math
 import psutil
 import pytest
 
-from halffull.loadtest import live
-from halffull.loadtest.cluster_sim import ClusterConfig, ClusterSim
-from halffull.loadtest.metrics import RequestRecord
+from halffull.loadtest.live import compare as live
+from halffull.loadtest.sim.cluster import ClusterConfig, ClusterSim
+from halffull.loadtest.sim.metrics import RequestRecord
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

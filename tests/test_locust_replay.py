@@ -1,6 +1,6 @@
-"""loadtest/locustfile.py: a short headless open-loop replay against the default app, and its refusals.
+"""loadtest/live/locustfile.py: a short headless open-loop replay against the default app, and its refusals.
 
-The replay runs locust as CI would, in a subprocess (``python -m locust -f loadtest/locustfile.py --headless``),
+The replay runs locust as CI would, in a subprocess (``python -m locust -f loadtest/live/locustfile.py --headless``),
 against the default app (deploy/app.py defaults: 4 simulated H100 replicas, sal + larry, real time) on the
 session's loopback Ray cluster, and checks the end-of-run JSON, locust's CSV and that no locust process is
 left behind.
@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-# Never import halffull.loadtest.locustfile here: importing locust monkey-patches the whole process with gevent.
-LOCUSTFILE = Path(__file__).resolve().parents[1] / "loadtest" / "locustfile.py"
+# Never import halffull.loadtest.live.locustfile here: importing locust monkey-patches the whole process with gevent.
+LOCUSTFILE = Path(__file__).resolve().parents[1] / "loadtest" / "live" / "locustfile.py"
 NUM_REQUESTS = 40
 
 

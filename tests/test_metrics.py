@@ -1,4 +1,4 @@
-"""Serving metrics (loadtest/metrics.py): one definition of TTFT/TPOT/E2E, goodput and saturation."""
+"""Serving metrics (loadtest/sim/metrics.py): one definition of TTFT/TPOT/E2E, goodput and saturation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from halffull.loadtest.metrics import (
+from halffull.loadtest.sim.metrics import (
     SATURATION_MAX_FAILED_FRACTION,
     RequestRecord,
     Slo,

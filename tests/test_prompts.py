@@ -1,4 +1,4 @@
-"""Prompt synthesis for HTTP replay (loadtest/prompts.py): exact token counts under the served tokenizer, shared
+"""Prompt synthesis for HTTP replay (loadtest/live/prompts.py): exact token counts under the served tokenizer, shared
 text exactly where the trace's hash_ids are shared, so prefix caching sees what the trace describes."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import itertools
 import pytest
 
 from halffull.deploy.tokenizer import SimTokenizer
-from halffull.loadtest.prompts import WORD_BASE, WORDS, PromptSynthesizer, synthesize_prompts
-from halffull.loadtest.traces import TraceRequest, load_trace
-from halffull.replicas.engine.request import hash_token_blocks
+from halffull.loadtest.live.prompts import WORD_BASE, WORDS, PromptSynthesizer, synthesize_prompts
+from halffull.loadtest.sim.traces import TraceRequest, load_trace
+from halffull.prefix_hash import hash_token_blocks
 
 TOK = SimTokenizer()
 BLOCK = 512

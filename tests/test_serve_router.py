@@ -13,7 +13,7 @@ import pytest
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
 from ray.serve.request_router import PendingRequest
 
-from halffull.replicas.engine.request import hash_token_blocks
+from halffull.prefix_hash import hash_token_blocks
 from halffull.router import serve_router
 from halffull.router.registry import POLICY_NAMES
 from halffull.router.serve_router import HalffullRequestRouter, report_completion, request_view, routing_kwarg

@@ -1,4 +1,4 @@
-"""Trace loaders (loadtest/traces.py): shipped traces, the load pipeline, malformed input, the Poisson generator."""
+"""Trace loaders (loadtest/sim/traces.py): shipped traces, the load pipeline, malformed input, the Poisson generator."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from halffull.loadtest import traces as traces_mod
-from halffull.loadtest.traces import (
+from halffull.loadtest.sim import traces as traces_mod
+from halffull.loadtest.sim.traces import (
     BUILTIN_TRACES,
     TRACE_BLOCK_TOKENS,
     Trace,

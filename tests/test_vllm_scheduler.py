@@ -294,7 +294,7 @@ def test_make_tiny_model_subcommand_is_deterministic(model_dir, tmp_path):
     import hashlib
     import os
 
-    from halffull.loadtest.make_tiny_model import register
+    from halffull.replicas.vllm.tiny_model import register
 
     parser = argparse.ArgumentParser(prog="halffull")
     register(parser.add_subparsers(dest="command", required=True))

@@ -44,7 +44,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from halffull.replicas.engine.policies import Admission, EnginePolicy, EngineView, RequestLike, register
+from halffull.replicas.engine.policy_base import Admission, EnginePolicy, EngineView, RequestLike
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,6 @@ def pressure_weight(u: float, u_low: float) -> float:
     return min(1.0, max(0.0, (u - u_low) / (1.0 - u_low)))
 
 
-@register
 class LarryPolicy(EnginePolicy):
     name = "larry"
     Params = LarryParams

@@ -17,91 +17,20 @@ conservative engine (TGI, TensorRT-LLM's guaranteed-no-evict): memory for the wh
 admission, so running requests never run out and nothing is ever preempted, at the price of idle memory.
 
 Policies see the engine through ``EngineView`` and requests through ``RequestLike`` only, so the same objects
-run in halffull's engine core and inside vLLM's scheduler.
+run in halffull's engine core and inside vLLM's scheduler. Those types and the base class ``EnginePolicy`` are in
+replicas/engine/policy_base.py (re-exported here); this module holds the baseline policies and the registry.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, Protocol, Sequence
+from dataclasses import fields
+from typing import Any
 
+from halffull.replicas.engine.larry import LarryPolicy
+from halffull.replicas.engine.policy_base import Admission, EnginePolicy, EngineView, RequestLike
 
-class RequestLike(Protocol):
-    request_id: str
-    num_prompt_tokens: int
-    num_computed_tokens: int
-    max_tokens: int
-    arrival_time: float
-    priority: int
-
-    @property
-    def num_tokens(self) -> int: ...
-
-
-class EngineView(Protocol):
-    """What a policy may read of the engine at decision time."""
-
-    now: float
-    block_size: int
-    num_total_blocks: int
-    max_model_len: int
-
-    @property
-    def num_free_blocks(self) -> int: ...
-
-    @property
-    def running(self) -> Sequence[RequestLike]: ...
-
-    def num_blocks_of(self, request: RequestLike) -> int: ...
-
-    def prompt_blocks(self, request: RequestLike) -> int:
-        """Blocks a waiting request needs to hold its tokens, after prefix-cache hits."""
-        ...
-
-
-@dataclass(slots=True)
-class Admission:
-    """One admission attempt, as the scheduler computed it.
-
-    ``blocks_now``: free blocks this step's allocation consumes (prefix hits counted as vLLM does);
-    ``blocks_prompt``: free blocks needed to hold all its current tokens (the whole prompt, after hits),
-    whatever this step's chunk; ``blocks_full``: free blocks needed to hold prompt + max_tokens (after hits).
-    """
-
-    request: RequestLike
-    num_hit_tokens: int
-    num_new_tokens: int
-    blocks_now: int
-    blocks_full: int
-    blocks_prompt: int = 0
-
-
-class EnginePolicy:
-    """Base: vLLM's FCFS. Subclasses override the hooks they change.
-
-    ``stable_order``: the waiting order and admission verdicts change only on arrivals, finishes and
-    preemptions (not with time or memory use). The simulator may then jump over runs of identical decode
-    steps while requests wait; a policy that is not stable limits those runs to one block allocation.
-    """
-
-    name = "fcfs"
-    stable_order = True
-
-    def order_waiting(self, waiting: Sequence[RequestLike], view: EngineView) -> Sequence[RequestLike]:
-        return waiting
-
-    def can_admit(self, admission: Admission, view: EngineView) -> bool:
-        return True
-
-    def pick_victim(self, running: Sequence[RequestLike], view: EngineView) -> RequestLike | None:
-        return running[-1]
-
-    def describe(self) -> dict[str, Any]:
-        params = getattr(self, "params", None)
-        out: dict[str, Any] = {"name": self.name}
-        if params is not None:
-            out.update({f.name: getattr(params, f.name) for f in fields(params)})
-        return out
+__all__ = ["Admission", "EnginePolicy", "EngineView", "RequestLike", "FcfsPolicy", "PriorityPolicy",
+           "NoPreemptPolicy", "outstanding_reservation", "register", "engine_policy_names", "make_engine_policy"]
 
 
 class FcfsPolicy(EnginePolicy):
@@ -148,22 +77,23 @@ def outstanding_reservation(view: EngineView) -> int:
     return total
 
 
-_POLICIES: dict[str, type] = {"fcfs": FcfsPolicy, "priority": PriorityPolicy, "no_preempt": NoPreemptPolicy}
+_POLICIES: dict[str, type] = {
+    "fcfs": FcfsPolicy, "priority": PriorityPolicy, "no_preempt": NoPreemptPolicy, "larry": LarryPolicy,
+}
 
 
 def register(cls: type) -> type:
+    """Add a policy class under its ``name`` (for policies defined outside this package)."""
     _POLICIES[cls.name] = cls
     return cls
 
 
 def engine_policy_names() -> list[str]:
-    _load_optional()
     return sorted(_POLICIES)
 
 
 def make_engine_policy(name: str, params: dict[str, Any] | None = None) -> EnginePolicy:
     """Build an engine policy by name; unknown names and parameters fail loudly."""
-    _load_optional()
     if name not in _POLICIES:
         raise ValueError(f"unknown engine policy {name!r}; valid: {', '.join(sorted(_POLICIES))}")
     cls = _POLICIES[name]
@@ -178,11 +108,3 @@ def make_engine_policy(name: str, params: dict[str, Any] | None = None) -> Engin
     if unknown:
         raise ValueError(f"unknown parameter(s) {sorted(unknown)} for engine policy {name!r}; valid: {sorted(valid)}")
     return cls(params_cls(**params))
-
-
-def _load_optional() -> None:
-    # LARRY lives in its own module and registers itself on import.
-    try:
-        import halffull.replicas.engine.larry  # noqa: F401
-    except ImportError:  # pragma: no cover - module not written yet
-        pass

@@ -7,7 +7,8 @@ tokens generated so far. Following vLLM V1 there is no prefill or decode phase: 
 Block hashes are chained: the hash of block j covers every token before the end of block j, so two requests
 share block j exactly when they share all tokens up to it. Three sources of hashes:
 
-  prompt token ids    hash((parent, tuple(block token ids)))
+  prompt token ids    hash((parent, tuple(block token ids)))   (``hash_token_blocks``, halffull/prefix_hash.py:
+                      the router hashes prompts the same way)
   trace hash_ids      a trace id covers ``trace_block`` (512) tokens; engine block j lies inside trace block
                       k = j * block_size // trace_block and gets hash((parent, hash_ids[k], j)), so requests
                       that share the first k trace ids share the engine blocks inside them
@@ -24,6 +25,8 @@ import enum
 import zlib
 from typing import Sequence
 
+from halffull.prefix_hash import hash_token_blocks  # noqa: F401  (re-exported beside Request; defined once there)
+
 TRACE_BLOCK_TOKENS = 512
 
 
@@ -33,15 +36,6 @@ class RequestStatus(enum.IntEnum):
     PREEMPTED = 2
     FINISHED = 3
     ABORTED = 4
-
-
-def hash_token_blocks(token_ids: Sequence[int], block_size: int, parent: int = 0) -> list[int]:
-    """Chained hashes of every full block of ``token_ids``."""
-    hashes = []
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash((parent, tuple(token_ids[start : start + block_size])))
-        hashes.append(parent)
-    return hashes
 
 
 def hash_trace_blocks(

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 
 from halffull.replicas.engine.block_pool import BlockPool, cdiv
 from halffull.replicas.engine.policies import Admission, EnginePolicy, FcfsPolicy
-from halffull.replicas.engine.request import Request, RequestStatus, hash_token_blocks
+from halffull.prefix_hash import hash_token_blocks
+from halffull.replicas.engine.request import Request, RequestStatus
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_make_tiny_model)
 
 
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add ``make-tiny-model`` to ``halffull``'s subcommands (loadtest/cli.py)."""
+    p = subparsers.add_parser(
+        "make-tiny-model",
+        help="write a tiny random-weight Llama and tokenizer (for vLLM on CPU)",
+        description="Write a tiny random-weight Llama (hidden 128, 2 layers, vocab 512) with a byte-level BPE "
+                    "tokenizer and chat template to DIR. Needs torch, transformers, tokenizers "
+                    "(bash deploy/install_vllm_cpu.sh). Deterministic for a seed.",
+    )
+    add_arguments(p)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="write the tiny random Llama used by the vLLM CPU tests")
     add_arguments(p)

@@ -1,6 +1,6 @@
 """End-to-end overhead of halffull's Ray Serve router: requests/s through the full HTTP path.
 
-    python -m halffull.loadtest.bench_serve [--router sal] [--replicas 2] [--concurrency 16] [--requests 250]
+    python -m halffull.loadtest.bench.serve [--router sal] [--replicas 2] [--concurrency 16] [--requests 250]
                                    [--rounds 8] [--max-tokens 4] [--phase-timeout 60] [--skip-micro]
 
 Setup (loopback only): a fresh local Ray cluster (4 logical CPUs, 127.0.0.1) and Serve's HTTP proxy on a free
@@ -218,6 +218,12 @@ def main(argv=None) -> int:
     cpu_ratio = statistics.median((d[3] / d[0]) / (h[3] / h[0]) for h, d in pairs)
     print(f"ratio halffull/default = {ratio:.3f} req/s (target >= 0.95); "
           f"CPU per request default/halffull = {cpu_ratio:.3f}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``halffull bench serve``: ``main`` with its defaults (loadtest/bench/cli.py)."""
+    main([])
     return 0
 
 

@@ -1,12 +1,13 @@
-"""``halffull compare``: sweep routers x engine policies x rate scales (x traces) on the offline simulator.
+"""The offline sweep: experiments -> runs -> rows -> results.csv, plots and report.md.
 
-Each run is one ``ClusterSim.run`` (what ``simulate()`` does) of one configuration at one arrival-rate scale on
-one trace, in a process pool (``--jobs``); the simulator is deterministic for a seed, and rows are collected in
-plan order, so the results do not depend on the number of jobs (only ``sim_wall_s`` does). Output (``--out``):
-``results.csv`` (one row per run), per-trace PNG plots and ``report.md`` (writers in loadtest/report.py).
+A run is one ``ClusterSim.run`` (what ``simulate()`` does) of one configuration at one arrival-rate scale on one
+trace; ``run_sweep`` runs them in a process pool (``jobs``). The simulator is deterministic for a seed, and rows
+are collected in plan order, so the results do not depend on the number of jobs (only ``sim_wall_s`` does).
+Writers in loadtest/experiments/report.py. ``halffull compare`` (loadtest/experiments/compare.py) is its
+command line; the paper matrix (loadtest/experiments/paper.py) is a list of experiments built with ``grid``.
 
-Experiments and presets
------------------------
+Experiments
+-----------
 A sweep is a list of *experiments*; an experiment is a dict::
 
     {
@@ -20,41 +21,30 @@ A sweep is a list of *experiments*; an experiment is a dict::
         "start_s": 0.0, "duration_s": None,  # optional: trace window (original timeline)
     }
 
-``PRESETS`` maps a name to a list of experiments (``--preset NAME``); ``grid()`` builds the usual
-traces x routers x engine policies product, so a preset reads e.g. ``grid(...) + [ablation, ...]``. A preset
-sets only what it varies: the cluster flags (``--replicas``, ``--gpu``, ``--stats-period`` ...) give the base
-config, and ``--rate-scales`` / ``--limit``, when given, replace the preset's for every experiment. Two
-experiments on one trace must not share a label (they would be one series).
+``grid()`` builds the usual traces x routers x engine policies product, so a preset reads e.g.
+``grid(...) + [ablation, ...]``. Two experiments on one trace must not share a label (they would be one series).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
 import os
-import shlex
 import subprocess
-import sys
-import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from halffull.loadtest import report
-from halffull.loadtest.cluster_sim import ClusterConfig, ClusterSim, load_trace_for
-from halffull.loadtest.metrics import Slo, saturation_rate_scale
-from halffull.loadtest.traces import load_trace
+from halffull.loadtest.experiments import report
+from halffull.loadtest.sim.cluster import ClusterConfig, ClusterSim, load_trace_for
+from halffull.loadtest.sim.metrics import Slo
+from halffull.loadtest.sim.traces import load_trace
 
-__all__ = ["PRESETS", "DEFAULT_ROUTERS", "DEFAULT_ENGINE_POLICIES", "DEFAULT_RATE_SCALES", "EXPERIMENT_KEYS",
-           "Run", "grid", "default_label", "plan", "run_one", "run_sweep", "write_outputs", "git_commit",
-           "cmd_compare", "register"]
+__all__ = ["EXPERIMENT_KEYS", "Run", "grid", "default_label", "validate_rate_scales", "plan", "run_one",
+           "run_sweep", "write_outputs", "git_commit"]
 
-DEFAULT_ROUTERS: tuple[str, ...] = ("round_robin", "pow2", "least_requests", "sal")
-DEFAULT_ENGINE_POLICIES: tuple[str, ...] = ("fcfs",)
-DEFAULT_RATE_SCALES: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
 EXPERIMENT_KEYS = frozenset({"label", "trace", "rate_scales", "config", "limit", "start_s", "duration_s"})
 _CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ClusterConfig))
 
@@ -74,12 +64,6 @@ def grid(traces: Iterable[str], routers: Iterable[str], engine_policies: Iterabl
                     "limit": limit, "start_s": start_s, "duration_s": duration_s,
                 })
     return out
-
-
-# name -> experiments. ``quick``: a smoke run (well under a minute on two cores).
-PRESETS: dict[str, list[dict[str, Any]]] = {
-    "quick": grid(["azure_conv"], ["pow2", "sal"], ["fcfs"], [4, 12, 24], limit=1500),
-}
 
 
 def default_label(cfg: ClusterConfig) -> str:
@@ -104,7 +88,7 @@ class Run:
     duration_s: float | None = None
 
 
-def _rate_scales(values: Any, where: str) -> list[float]:
+def validate_rate_scales(values: Any, where: str) -> list[float]:
     if isinstance(values, (int, float)) and not isinstance(values, bool):
         values = [values]
     if not isinstance(values, (list, tuple)) or not values:
@@ -150,7 +134,7 @@ def plan(experiments: Sequence[Mapping[str, Any]], base: ClusterConfig, *, slo: 
             ClusterSim(cfg, slo=slo)
             checked.add(key)
         label = str(exp.get("label") or default_label(cfg))
-        scales = _rate_scales(list(rate_scales) if rate_scales else exp.get("rate_scales"), where)
+        scales = validate_rate_scales(list(rate_scales) if rate_scales else exp.get("rate_scales"), where)
         exp_limit = limit if limit is not None else exp.get("limit")
         for scale in scales:
             ident = (str(exp["trace"]), label, scale)
@@ -247,152 +231,3 @@ def write_outputs(rows: Sequence[Mapping[str, Any]], out_dir: str | Path, *, slo
                                     commit=commit if commit is not None else git_commit(), command=command,
                                     notes=notes, plots=plots)
     return {"csv": csv_path, "plots": plots, "report": md_path}
-
-
-# ---- CLI ---------------------------------------------------------------------------------------------------
-def _split(values: Iterable[str] | str | None) -> list[str]:
-    if values is None:
-        return []
-    if isinstance(values, str):
-        values = [values]
-    return [item.strip() for v in values for item in v.split(",") if item.strip()]
-
-
-def _parse_scales(text: str | None) -> list[float] | None:
-    if text is None:
-        return None
-    out = []
-    for item in _split(text):
-        try:
-            out.append(float(item))
-        except ValueError:
-            raise ValueError(f"--rate-scales: not a number: {item!r}") from None
-    return _rate_scales(out, "--rate-scales")
-
-
-def _load_presets() -> None:
-    # The paper matrix lives with its target analysis (loadtest/paper.py), which builds on grid() above.
-    if "paper" not in PRESETS:
-        from halffull.loadtest import paper
-
-        PRESETS["paper"] = paper.experiments()
-
-
-def experiments_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
-    if args.preset is not None:
-        _load_presets()
-        if args.preset not in PRESETS:
-            raise ValueError(f"unknown preset {args.preset!r}; valid: {', '.join(sorted(PRESETS))}")
-        given = [flag for flag, value in (("--trace", args.trace), ("--routers", args.routers),
-                                          ("--engine-policies", args.engine_policies)) if value is not None]
-        if given:
-            raise ValueError(f"{', '.join(given)} cannot be combined with --preset (the preset names them)")
-        return copy.deepcopy(PRESETS[args.preset])
-    traces = _split(args.trace) or ["azure_conv"]
-    routers = _split(args.routers) or list(DEFAULT_ROUTERS)
-    engines = _split(args.engine_policies) or list(DEFAULT_ENGINE_POLICIES)
-    exps = []
-    for trace in traces:
-        for router in routers:
-            for engine in engines:
-                exps.append({"trace": trace, "rate_scales": list(DEFAULT_RATE_SCALES),
-                             "config": {"router": router, "engine_policy": engine}})
-    return exps
-
-
-def _command_line(args: argparse.Namespace) -> str:
-    """The command as typed when run from the ``halffull`` script; otherwise an equivalent one."""
-    prog = Path(sys.argv[0]).name if sys.argv else ""
-    if prog == "halffull" or sys.argv[0].endswith(os.path.join("loadtest", "cli.py")):
-        return shlex.join(["halffull", *sys.argv[1:]])
-    parser: argparse.ArgumentParser | None = getattr(args, "_compare_parser", None)
-    words = ["halffull", "compare"]
-    for action in parser._actions if parser else ():
-        if not action.option_strings or action.dest in ("help",):
-            continue
-        value = getattr(args, action.dest, action.default)
-        if value == action.default or value is None:
-            continue
-        opt = action.option_strings[0]
-        if isinstance(action, argparse._StoreTrueAction):
-            words.append(opt)
-        elif isinstance(action, argparse._AppendAction):
-            for v in value:
-                words += [opt, str(v)]
-        else:
-            words += [opt, str(value)]
-    return shlex.join(words)
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    from halffull.loadtest.cli import cluster_config
-    from halffull.loadtest.progress import Progress
-
-    slo = Slo(args.slo_ttft, args.slo_tpot)
-    if args.jobs is not None and args.jobs < 1:
-        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
-    experiments = experiments_from_args(args)
-    base = cluster_config(args)
-    runs = plan(experiments, base, slo=slo, rate_scales=_parse_scales(args.rate_scales), limit=args.limit)
-    jobs = args.jobs or os.cpu_count() or 1
-    labels = list(dict.fromkeys(r.label for r in runs))
-    traces = list(dict.fromkeys(r.trace for r in runs))
-    print(f"compare: {len(runs)} runs ({len(labels)} configurations x {len(traces)} trace(s) x rate scales), "
-          f"{min(jobs, len(runs))} at a time -> {args.out}", file=sys.stderr)
-    bar = Progress(len(runs), "compare", enabled=not args.quiet)
-    start = time.monotonic()
-    bar.update(0)
-    rows = run_sweep(runs, jobs=jobs, progress=lambda done, total, run: bar.update(
-        done, f"{run.trace} {run.label} x{run.rate_scale:g}"))
-    bar.close()
-    wall = time.monotonic() - start
-    requests = {t: sorted({r["requests"] for r in rows if r["trace"] == t}) for t in traces}
-    notes = [
-        f"fleet: {base.num_replicas} replicas, {base.gpu} {base.model}, stats period {base.stats_period_s:g} s, "
-        f"{base.num_routers} router(s), seed {base.seed} (experiments may override)",
-        "requests per run: " + ", ".join(f"{t}: {'/'.join(map(str, n))}" for t, n in requests.items()),
-        f"{len(runs)} simulations, {sum(r['sim_wall_s'] for r in rows):.1f} s of simulation in {wall:.1f} s wall",
-    ]
-    out = write_outputs(rows, args.out, slo=slo, command=_command_line(args), notes=notes)
-    if args.preset == "paper":
-        from halffull.loadtest import paper
-
-        with open(out["report"], "a") as f:
-            f.write("\n" + paper.targets_markdown(rows, slo) + "\n" + paper.findings_markdown(rows, slo))
-    for trace in traces:
-        for label, srows in report.series_of(rows, trace).items():
-            sat = saturation_rate_scale([(r["rate_scale"], r) for r in srows], slo)
-            print(f"  {trace:14} {label:28} saturation {'none' if sat is None else f'x{sat:g}'}")
-    print(f"wrote {out['csv']}, {out['report']} and {sum(len(p) for p in out['plots'].values())} plots "
-          f"in {wall:.1f} s")
-    return 0
-
-
-def register(subparsers) -> argparse.ArgumentParser:
-    """Add ``compare`` to ``halffull``'s subcommands (called by loadtest/cli.py)."""
-    from halffull.loadtest.cli import add_cluster_args
-
-    p = subparsers.add_parser(
-        "compare", conflict_handler="resolve",
-        help="sweep routers x engine policies x rate scales on the simulator; CSV, plots, report.md",
-        description="Sweep routers x engine policies x rate scales (x traces) on the offline simulator, in "
-                    "parallel; write results.csv, PNG plots and report.md. Cluster flags set the base config.")
-    add_cluster_args(p)
-    # The sweep's axes replace the single-valued flags of the same names (old spellings kept as aliases).
-    p.add_argument("--trace", action="append", default=None,
-                   help="trace to sweep: azure_code | azure_conv | mooncake_conv | PATH (repeatable or "
-                        "comma-separated; default azure_conv)")
-    p.add_argument("--routers", "--router", dest="routers", default=None,
-                   help=f"comma-separated routers (default {','.join(DEFAULT_ROUTERS)})")
-    p.add_argument("--engine-policies", "--engine-policy", dest="engine_policies", default=None,
-                   help=f"comma-separated engine policies (default {','.join(DEFAULT_ENGINE_POLICIES)})")
-    p.add_argument("--rate-scales", "--rate-scale", dest="rate_scales", default=None,
-                   help="comma-separated arrival-rate scales (default "
-                        f"{','.join(f'{x:g}' for x in DEFAULT_RATE_SCALES)}; with --preset: replaces the preset's)")
-    p.add_argument("--preset", default=None,
-                   help=f"a named experiment matrix from loadtest/compare.py PRESETS ({', '.join(sorted(PRESETS))})")
-    p.add_argument("--jobs", type=int, default=None, help="parallel simulations (default: one per CPU)")
-    p.add_argument("--out", default="out/compare", help="output directory (default out/compare)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_compare, router="sal", engine_policy="fcfs", rate_scale=1.0, _compare_parser=p)
-    return p

@@ -9,20 +9,21 @@ For every router x engine policy x rate scale (a *run*), one at a time:
    proxy on 127.0.0.1; or the cluster a caller passes, as the tests do), configured from the very
    ``ClusterConfig`` the simulator runs (below);
 2. replay the trace slice with locust, headless, in a subprocess
-   (``python -m locust -f loadtest/locustfile.py --headless -u 1 ...``): open loop, prompts synthesized to the
+   (``python -m locust -f loadtest/live/locustfile.py --headless -u 1 ...``): open loop, prompts synthesized to the
    exact token counts, per-request records and the summary JSON under ``--out``/runs/, its log beside them;
 3. probe the service once it is idle: ``PROBE_REQUESTS`` sequential small requests (``PROBE_PROMPT_TOKENS``
    prompt tokens, ``PROBE_OUTPUT_TOKENS`` out) give the fixed cost of the HTTP + Ray path and the step loop's
    timing error, against the simulator's prediction for the same requests;
 4. delete the app: the next run starts with fresh replicas, empty KV caches and fresh router state.
 
-Then ``results.csv``, PNG plots and ``report.md`` with the writers of ``halffull compare`` (loadtest/report.py).
-``--with-sim`` also runs the same slice through the offline simulator (loadtest/cluster_sim.py) with the same
-configuration, as series ``"<label> [offline]"`` (their own plot panel, see report.panels), and appends the
-sim-vs-live agreement: per-policy live/offline ratios of mean TTFT and TPOT (also with the measured idle path
-cost taken out), the per-request median TTFT difference, the ranking of the policies on both sides (and which
-orderings the simulator gives under every router seed: only those are the policies', not a random draw's), the
-simulator's sensitivity to stats staleness (stats period 0, P and 2P) and the measured causes of the gaps.
+Then ``results.csv``, PNG plots and ``report.md`` with the writers of ``halffull compare``
+(loadtest/experiments/report.py). ``--with-sim`` also runs the same slice through the offline simulator
+(loadtest/sim/cluster.py) with the same configuration, as series ``"<label> [offline]"`` (their own plot panel,
+see report.panels), and appends the sim-vs-live agreement: per-policy live/offline ratios of mean TTFT and TPOT
+(also with the measured idle path cost taken out), the per-request median TTFT difference, the ranking of the
+policies on both sides (and which orderings the simulator gives under every router seed: only those are the
+policies', not a random draw's), the simulator's sensitivity to stats staleness (stats period 0, P and 2P) and
+the measured causes of the gaps.
 
 Shared hosts: the live numbers need the CPU the service asks for. Every run records how many cores the rest of
 the host used meanwhile (``HostSampler``); ``--max-foreign-cpu C`` waits for a quiet host before each run and
@@ -68,8 +69,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from halffull.loadtest import report
-from halffull.loadtest.metrics import RequestRecord, Slo
+from halffull.loadtest.experiments import report
+from halffull.loadtest.sim.metrics import RequestRecord, Slo
 
 __all__ = ["LiveRun", "LocalServe", "app_args", "wall_engine_params", "plan_runs", "run_compare", "agreement",
            "robust_pairs", "agreement_markdown", "register", "main"]
@@ -195,7 +196,7 @@ class LiveRun:
 def plan_runs(base, routers: Sequence[str], engine_policies: Sequence[str],
               rate_scales: Sequence[float]) -> list[LiveRun]:
     """router x engine policy x rate scale, in that nesting (each config's scales back to back)."""
-    from halffull.loadtest.compare import default_label
+    from halffull.loadtest.experiments.sweep import default_label
 
     runs = []
     for router in routers:
@@ -220,7 +221,7 @@ def wall_engine_params(policy: str, params: Mapping[str, Any], speedup: float) -
 
 def engine_limits(cfg) -> dict[str, int]:
     """The engine limits the simulator resolves for ``cfg`` (vLLM's defaults for the GPU unless given)."""
-    from halffull.loadtest.cluster_sim import ClusterSim
+    from halffull.loadtest.sim.cluster import ClusterSim
 
     sched = ClusterSim(cfg).sched_config
     return {"num_blocks": sched.num_blocks, "block_size": sched.block_size,
@@ -258,7 +259,7 @@ class Slice:
 
 
 def _load_slice(cfg, sl: Slice, rate_scale: float):
-    from halffull.loadtest.cluster_sim import load_trace_for
+    from halffull.loadtest.sim.cluster import load_trace_for
 
     return load_trace_for(cfg, sl.trace, rate_scale=rate_scale, limit=sl.limit, start_s=sl.start_s,
                           duration_s=sl.duration_s)
@@ -430,7 +431,7 @@ async def _probe_async(url: str, model: str, speedup: float) -> list[tuple[float
     """(TTFT, TPOT) in model seconds of ``PROBE_REQUESTS`` sequential probe requests."""
     import httpx
 
-    from halffull.loadtest.prompts import PromptSynthesizer
+    from halffull.loadtest.live.prompts import PromptSynthesizer
 
     synth = PromptSynthesizer(seed=-1)
     out = []
@@ -460,8 +461,8 @@ async def _probe_async(url: str, model: str, speedup: float) -> list[tuple[float
 
 def probe_idle(url: str, cfg, speedup: float) -> dict[str, float]:
     """Fixed path cost and step timing of the idle service vs the simulator's prediction (model ms)."""
-    from halffull.loadtest.cluster_sim import ClusterSim
-    from halffull.loadtest.traces import TraceRequest
+    from halffull.loadtest.sim.cluster import ClusterSim
+    from halffull.loadtest.sim.traces import TraceRequest
 
     model = _models(url)[0]["id"]
     measured = asyncio.run(_probe_async(url, model, speedup))
@@ -519,7 +520,7 @@ def live_row(run: LiveRun, sl: Slice, summary: Mapping[str, Any], limits, speedu
 
 
 def simulate_slice(cfg, sl: Slice, rate_scale: float):
-    from halffull.loadtest.cluster_sim import ClusterSim
+    from halffull.loadtest.sim.cluster import ClusterSim
 
     trace = _load_slice(cfg, sl, rate_scale)
     return ClusterSim(cfg).run(trace)
@@ -752,8 +753,8 @@ def run_compare(args: argparse.Namespace, *, cluster=None, command: str = "",
 
     Returns ``{"rows", "agreement", "csv", "report", "plots"}``.
     """
-    from halffull.loadtest.cli import cluster_config
-    from halffull.loadtest.compare import git_commit
+    from halffull.loadtest.experiments.sweep import git_commit
+    from halffull.loadtest.sim.cli import cluster_config
 
     slo = Slo(args.slo_ttft, args.slo_tpot)
     speedup = float(args.speedup)
@@ -921,7 +922,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def add_compare_args(p: argparse.ArgumentParser) -> None:
-    from halffull.loadtest.cli import add_cluster_args
+    from halffull.loadtest.sim.cli import add_cluster_args
 
     add_cluster_args(p)
     # The comparison's axes replace the single-valued cluster flags of the same names (kept as aliases).
@@ -949,7 +950,7 @@ def add_compare_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add ``loadtest`` (with ``compare``) to ``halffull``'s subcommands (called by loadtest/cli.py)."""
+    """Add ``loadtest`` (with ``compare``) to ``halffull``'s subcommands (loadtest/cli.py)."""
     p = subparsers.add_parser("loadtest", help="live load tests against Ray Serve (locust)",
                               description="Live load tests against a local Ray Serve deployment.")
     sub = p.add_subparsers(dest="loadtest_command", required=True)
@@ -965,10 +966,13 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m halffull.loadtest.live compare ...`` = ``halffull loadtest compare ...`` (loadtest/cli.py registers it)."""
-    from halffull.loadtest.cli import main as cli_main
+    """``python -m halffull.loadtest.live.compare ...`` = ``halffull loadtest compare ...``."""
+    from halffull.loadtest import command
 
-    return cli_main(["loadtest", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(prog="python -m halffull.loadtest.live.compare", conflict_handler="resolve",
+                                     description="halffull loadtest compare")
+    add_compare_args(parser)
+    return command.run(parser, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Soak: replay a production trace at moderate load against the default app for a long time, and check that
 nothing is lost, latency does not drift and no Ray / Serve process grows.
 
-    python -m halffull.loadtest.soak [--duration 1200] [--window 300] [--trace azure_conv] [--rate-scale 0.5]
+    python -m halffull.loadtest.live.soak [--duration 1200] [--window 300] [--trace azure_conv] [--rate-scale 0.5]
                             [--stream-fraction 1.0] [--max-in-flight 512] [--sample-every 10]
                             [--app-arg KEY=VALUE ...] [--json PATH]
 
@@ -13,7 +13,7 @@ of Llama-3-8B at real speed, ``sal`` + ``larry``; ``--app-arg`` overrides any ar
 ``--app-arg speedup=2``). Everything is stopped at the end (``serve.shutdown``, ``ray.shutdown``), and the script
 checks that no process of the cluster is left.
 
-Load: open loop, from the trace (``loadtest/traces.py``; ``--rate-scale`` X makes arrivals X times faster, so
+Load: open loop, from the trace (``loadtest/sim/traces.py``; ``--rate-scale`` X makes arrivals X times faster, so
 the default 0.25 is a quarter of the trace's mean rate: ~1.4 requests/s of Azure conversation, ~300 output
 tokens/s, which kept the whole cluster at about 1 core of a shared 2-core machine; 0.5 took it to ~1.5). ``--arrivals poisson``
 (default) keeps the load stationary — Poisson arrivals at that mean rate, each request's sizes drawn from the
@@ -55,11 +55,11 @@ from pathlib import Path
 
 import yaml
 
-from halffull.loadtest.bench_serve import cluster_cpu_seconds
-from halffull.loadtest.metrics import percentile
-from halffull.loadtest.traces import BUILTIN_TRACES, load_trace
+from halffull.loadtest.bench.serve import cluster_cpu_seconds
+from halffull.loadtest.sim.metrics import percentile
+from halffull.loadtest.sim.traces import BUILTIN_TRACES, load_trace
 
-CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "serve_config.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve_config.yaml"
 TTFT_DRIFT_LIMIT = 0.20
 RSS_GROWTH_LIMIT = 0.10
 TOKEN_BASE, TOKEN_SPAN = 300, 50_000  # prompt token ids (the simulated tokenizer accepts any id < 2**40)

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from halffull.loadtest.compare import grid
-from halffull.loadtest.metrics import Slo, saturation_rate_scale
+from halffull.loadtest.experiments.sweep import grid
+from halffull.loadtest.sim.metrics import Slo, saturation_rate_scale
 
 ROUTERS = ["round_robin", "random", "pow2", "least_requests", "prefix_aware", "sal"]
 SCALES = {
@@ -226,7 +226,7 @@ def rewrite_report(out_dir: str) -> None:
     """Recompute the Targets and findings sections of ``out_dir/report.md`` from its results.csv."""
     from pathlib import Path
 
-    from halffull.loadtest.report import read_csv
+    from halffull.loadtest.experiments.report import read_csv
 
     path = Path(out_dir) / "report.md"
     rows = read_csv(Path(out_dir) / "results.csv")

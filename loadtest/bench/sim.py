@@ -1,11 +1,7 @@
-"""``halffull bench``: benchmarks that print figures (speed targets live here, not in timed unit tests).
-
-  bench sim     simulated requests per wall-clock second of the offline cluster simulator (issue target:
-                >= 20,000 on the Azure conversation trace, 4 H100 replicas, fcfs, sal), with the jump over
-                identical decode steps on, and the step-by-step reference on a slice, in the same run
-  bench router  microseconds per policy.choose() call at 4/16/64/256 replicas (target < 50 us at 64)
-  bench serve   requests/s through the full HTTP path with instant simulated replicas, halffull's router vs
-                Ray's default, same run (target ratio >= 0.95); starts a local loopback-only Ray cluster
+"""``halffull bench sim``: simulated requests per wall-clock second of the offline cluster simulator (issue
+target: >= 20,000 on the Azure conversation trace, 4 H100 replicas, fcfs, sal), with the jump over identical
+decode steps on, and the step-by-step reference on a slice, in the same run (it checks that both give the same
+per-request results).
 """
 
 from __future__ import annotations
@@ -14,11 +10,11 @@ import argparse
 import statistics
 import time
 
+from halffull.loadtest.sim.cluster import ClusterConfig, load_trace_for, simulate
+
 
 def bench_sim(trace_name: str = "azure_conv", replicas: int = 4, router: str = "sal", engine: str = "fcfs",
               repeats: int = 3, reference_limit: int = 2000) -> dict:
-    from halffull.loadtest.cluster_sim import ClusterConfig, load_trace_for, simulate
-
     cfg = ClusterConfig(num_replicas=replicas, router=router, engine_policy=engine)
     trace = load_trace_for(cfg, trace_name)
     rates = []
@@ -58,38 +54,26 @@ def compare_records(a: list, b: list) -> tuple[bool, float]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.what == "sim":
-        r = bench_sim(args.trace, args.replicas, args.router, args.engine_policy, args.repeats, args.reference_limit)
-        print(f"offline simulator, {r['trace']} ({r['requests']} requests), {r['replicas']} x H100 llama3-8b, "
-              f"router {r['router']}, engine {r['engine']}")
-        runs = ", ".join(f"{x:,.0f}" for x in r["sim_requests_per_s_runs"])
-        print(f"  simulated requests/s (jump, median of {len(r['sim_requests_per_s_runs'])}): "
-              f"{r['sim_requests_per_s_median']:,.0f}   [{runs}]")
-        print(f"  first {r['slice']} requests, same run: jump {r['slice_jump_requests_per_s']:,.0f}/s vs "
-              f"step-by-step {r['slice_step_requests_per_s']:,.0f}/s "
-              f"({r['slice_jump_requests_per_s'] / r['slice_step_requests_per_s']:.1f}x); same per-request "
-              f"results: {'yes' if r['slice_same_decisions'] else 'NO'} (times within "
-              f"{r['slice_max_relative_time_difference']:.0e} relative)")
-        print("  target: >= 20,000 requests/s")
-        return 0
-    if args.what == "serve":
-        from halffull.loadtest import bench_serve
-
-        bench_serve.main([])
-        return 0
-    from halffull.loadtest import bench_router
-
-    bench_router.main([])
+    r = bench_sim(args.trace, args.replicas, args.router, args.engine_policy, args.repeats, args.reference_limit)
+    print(f"offline simulator, {r['trace']} ({r['requests']} requests), {r['replicas']} x H100 llama3-8b, "
+          f"router {r['router']}, engine {r['engine']}")
+    runs = ", ".join(f"{x:,.0f}" for x in r["sim_requests_per_s_runs"])
+    print(f"  simulated requests/s (jump, median of {len(r['sim_requests_per_s_runs'])}): "
+          f"{r['sim_requests_per_s_median']:,.0f}   [{runs}]")
+    print(f"  first {r['slice']} requests, same run: jump {r['slice_jump_requests_per_s']:,.0f}/s vs "
+          f"step-by-step {r['slice_step_requests_per_s']:,.0f}/s "
+          f"({r['slice_jump_requests_per_s'] / r['slice_step_requests_per_s']:.1f}x); same per-request "
+          f"results: {'yes' if r['slice_same_decisions'] else 'NO'} (times within "
+          f"{r['slice_max_relative_time_difference']:.0e} relative)")
+    print("  target: >= 20,000 requests/s")
     return 0
 
 
-def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks that print figures")
-    p.add_argument("what", choices=["sim", "router", "serve"])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """This benchmark's flags, on the shared ``bench`` parser (loadtest/bench/cli.py)."""
     p.add_argument("--trace", default="azure_conv")
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--router", default="sal")
     p.add_argument("--engine-policy", default="fcfs")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--reference-limit", type=int, default=2000, help="slice for the step-by-step comparison")
-    p.set_defaults(func=cmd_bench)

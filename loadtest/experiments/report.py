@@ -7,7 +7,7 @@ A *row* is a flat dict describing one run (one configuration at one arrival-rate
     router, engine_policy, ...    the configuration (see ``CONFIG_COLUMNS``; missing ones are left blank)
     completed, ttft_p99, ...      ``metrics.summarize`` keys (see ``SUMMARY_COLUMNS``)
 
-The offline sweep (``halffull compare``, loadtest/compare.py) and the live load-test comparison both produce
+The offline sweep (``halffull compare``, loadtest/experiments/compare.py) and the live load-test comparison both produce
 such rows and call ``write_csv``, ``write_plots`` and ``write_markdown`` here. Nothing in this module runs a
 simulation or reads a clock: the same rows give the same files (PNG bytes aside, which matplotlib decides).
 """
@@ -20,7 +20,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from halffull.loadtest.metrics import Slo, saturation_rate_scale
+from halffull.loadtest.sim.metrics import Slo, saturation_rate_scale
 
 __all__ = [
     "CONFIG_COLUMNS", "SUMMARY_COLUMNS", "WALL_CLOCK_COLUMNS", "RESULT_COLUMNS", "PLOTS",

@@ -1,15 +1,15 @@
 """Open-loop trace replay against halffull's OpenAI-compatible API (locust; loopback only).
 
     # headless (CI): one replay user; exits when the slice is done (+ drain), writes the JSON and the CSVs
-    locust -f loadtest/locustfile.py --headless -u 1 --host http://127.0.0.1:8000 \\
+    locust -f loadtest/live/locustfile.py --headless -u 1 --host http://127.0.0.1:8000 \\
            --trace azure_conv --rate-scale 4 --limit 200 --json-out out/replay.json --csv out/replay
     # web UI (people): http://127.0.0.1:8089, start with 1 user; the options below are in the form
-    locust -f loadtest/locustfile.py --host http://127.0.0.1:8000 --trace azure_conv --limit 200
+    locust -f loadtest/live/locustfile.py --host http://127.0.0.1:8000 --trace azure_conv --limit 200
 
 What it does
-  * Loads a slice of a trace (loadtest/traces.py: ``--trace --rate-scale --limit --start --duration``, clipped
+  * Loads a slice of a trace (loadtest/sim/traces.py: ``--trace --rate-scale --limit --start --duration``, clipped
     to the served model's context from ``GET /v1/models``) and synthesizes every prompt up front
-    (loadtest/prompts.py): exactly the trace's prompt token count under the served tokenizer, identical text
+    (loadtest/live/prompts.py): exactly the trace's prompt token count under the served tokenizer, identical text
     exactly where Mooncake hash_ids are shared. ``max_tokens`` = the trace's output length, ``ignore_eos``.
   * Open loop: one dispatcher greenlet sleeps until each request's arrival time, ``arrival / speedup`` wall
     seconds after the start (arrivals are already divided by ``--rate-scale``), and spawns one greenlet per
@@ -29,7 +29,7 @@ Locust statistics (web UI, ``--csv``, ``--html``): ``POST /v1/completions`` (wal
 failures here), and custom request types in model ms: ``TTFT``, ``TPOT``, ``E2E`` (name
 ``/v1/completions (model ms)``), plus ``LAG`` (name ``dispatch (wall ms)``): the send lag of each request.
 
-End of run (``--json-out``): the keys of ``halffull simulate --json`` (``halffull.loadtest.metrics.summarize`` over
+End of run (``--json-out``): the keys of ``halffull simulate --json`` (``halffull.loadtest.sim.metrics.summarize`` over
 ``RequestRecord``s in model time, ``clipped``, ``rejected``, ``config``, ``trace``, ``rate_scale``,
 ``per_replica`` from the ``x-halffull-replica`` header; ``sim_wall_s`` is the replay's wall time,
 ``preemptions_per_request`` is null: the API does not report preemptions) plus a ``replay`` dict (sent, late,
@@ -63,14 +63,14 @@ from locust import User, events, task
 from locust.runners import LocalRunner
 from locust.stats import CSV_STATS_INTERVAL_SEC
 
-from halffull.loadtest.metrics import RequestRecord, Slo, percentile, summarize
-from halffull.loadtest.prompts import PromptSynthesizer
-from halffull.loadtest.traces import load_trace
+from halffull.loadtest.live.prompts import PromptSynthesizer
+from halffull.loadtest.sim.metrics import RequestRecord, Slo, percentile, summarize
+from halffull.loadtest.sim.traces import load_trace
 
 logger = logging.getLogger("halffull.replay")
 
 DEFAULT_LIMIT = 500  # requests, when neither --limit nor --duration bounds the slice
-PROGRESS_EVERY_S = 2.0  # wall seconds between progress lines (loadtest/live.py parses them)
+PROGRESS_EVERY_S = 2.0  # wall seconds between progress lines (loadtest/live/compare.py parses them)
 START_DELAY_S = 0.5  # wall seconds between the end of setup and the first scheduled arrival
 PROGRESS_PREFIX = "replay progress:"
 MAX_ERRORS_KEPT = 20

@@ -34,7 +34,7 @@ import random
 from collections import OrderedDict
 from typing import Iterable, Sequence
 
-from halffull.loadtest.traces import TRACE_BLOCK_TOKENS, TraceRequest
+from halffull.loadtest.sim.traces import TRACE_BLOCK_TOKENS, TraceRequest
 
 __all__ = ["WORDS", "WORD_BASE", "PromptSynthesizer", "synthesize_prompts"]
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
-from halffull.loadtest.metrics import percentile
+from halffull.loadtest.sim.metrics import percentile
 
 __all__ = [
     "TRACE_BLOCK_TOKENS",
@@ -55,7 +55,8 @@ __all__ = [
 
 TRACE_BLOCK_TOKENS = 512  # Mooncake hash_ids granularity
 
-_TRACE_DIR = Path(__file__).resolve().parent / "data" / "traces"
+# loadtest/data/traces/, beside the subpackages: the simulator, the live replay and the experiments all read them.
+_TRACE_DIR = Path(__file__).resolve().parents[1] / "data" / "traces"
 BUILTIN_TRACES: dict[str, Path] = {
     "azure_code": _TRACE_DIR / "AzureLLMInferenceTrace_code.csv",
     "azure_conv": _TRACE_DIR / "AzureLLMInferenceTrace_conv.csv",

@@ -22,8 +22,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-from halffull.loadtest.metrics import RequestRecord, Slo, summarize
-from halffull.loadtest.traces import Trace, TraceRequest, load_trace
+from halffull.loadtest.sim.metrics import RequestRecord, Slo, summarize
+from halffull.loadtest.sim.traces import Trace, TraceRequest, load_trace
 from halffull.replicas.engine.policies import make_engine_policy
 from halffull.replicas.engine.request import Request, hash_trace_blocks
 from halffull.replicas.engine.scheduler import Scheduler, SchedulerConfig

@@ -1,6 +1,6 @@
 """Microbenchmark: microseconds per ``choose`` call for every routing policy, by replica count.
 
-    python -m halffull.loadtest.bench_router [--calls N] [--replicas 4,16,64,256] [--seed S]
+    python -m halffull.loadtest.bench.router [--calls N] [--replicas 4,16,64,256] [--seed S]
 
 Workload (seeded, built before timing):
   snapshots  a few pre-built candidate lists per replica count with random published load (running, waiting,
@@ -140,6 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     entries = {row["replicas"]: row["index_entries"] for row in rows if row["index_entries"]}
     if entries:
         print("prefix index entries after warm-up, by replica count:", entries)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``halffull bench router``: ``main`` with its defaults (loadtest/bench/cli.py)."""
+    main([])
+    return 0
 
 
 if __name__ == "__main__":

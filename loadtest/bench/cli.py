@@ -1,0 +1,41 @@
+"""``halffull bench NAME``: benchmarks that print figures (speed targets live here, not in timed unit tests).
+
+  bench sim     simulated requests per wall-clock second of the offline cluster simulator (issue target:
+                >= 20,000 on the Azure conversation trace, 4 H100 replicas, fcfs, sal), with the jump over
+                identical decode steps on, and the step-by-step reference on a slice, in the same run
+  bench router  microseconds per policy.choose() call at 4/16/64/256 replicas (target < 50 us at 64)
+  bench serve   requests/s through the full HTTP path with instant simulated replicas, halffull's router vs
+                Ray's default, same run (target ratio >= 0.95); starts a local loopback-only Ray cluster
+
+A benchmark is a module with ``cmd_bench(args) -> exit status`` and, if it takes flags, ``add_arguments(parser)``
+(they go on the one ``bench`` parser, so every benchmark accepts every flag); adding one is one line in
+``BENCHES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from types import ModuleType
+
+from halffull.loadtest.bench import router, serve, sim
+
+BENCHES: dict[str, ModuleType] = {
+    "sim": sim,
+    "router": router,
+    "serve": serve,
+}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    return BENCHES[args.what].cmd_bench(args)
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add ``bench`` to ``halffull``'s subcommands (called by loadtest/cli.py)."""
+    p = subparsers.add_parser("bench", help="benchmarks that print figures")
+    p.add_argument("what", choices=list(BENCHES))
+    for module in BENCHES.values():
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    return p

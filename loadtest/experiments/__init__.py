@@ -1,0 +1,1 @@
+"""Experiments on the offline simulator: sweeps (``halffull compare``), the paper matrix, the report writers."""
