@@ -16,8 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Mapping, Protocol, Sequence
 
-# OpenAI request fields a sampling engine (vLLM) applies; the simulated model's output is deterministic.
-SAMPLING_FIELDS = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
+# OpenAI request fields a sampling engine (vLLM) applies; the simulated model's output is deterministic (the
+# ingress refuses logit_bias and response_format for it, and applies stop strings itself, on the text).
+# ``stop``: a list of strings; ``logit_bias``: {token id as a string: bias}; ``response_format``:
+# {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}, ...}}.
+SAMPLING_FIELDS = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "stop", "logit_bias",
+                   "response_format")
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class GenerateRequest:
     max_tokens: int
     ignore_eos: bool = False
     priority: int = 0
+    min_tokens: int = 0  # no end (EOS, stop) before this many output tokens
     sampling: Mapping[str, Any] = field(default_factory=dict)  # SAMPLING_FIELDS the client set
 
 

@@ -5,7 +5,7 @@ Call (from the ingress, deploy/app.py; the ``routing`` kwarg is for the router, 
     gen = handle.options(stream=True).generate.remote(request_dict, routing={...})
 
 ``request_dict`` holds ``GenerateRequest``'s fields (request_id, prompt_token_ids, max_tokens, ignore_eos,
-priority). The stream is::
+priority, min_tokens, sampling). The stream is::
 
     {"event": "start", "replica": "<replica unique id>"}        once accepted, before any token
     {"event": "overloaded", "message": "..."}                    instead, when the engine's waiting queue is
@@ -134,6 +134,7 @@ class LLMReplica:
             max_tokens=int(request["max_tokens"]),
             ignore_eos=bool(request.get("ignore_eos", False)),
             priority=int(request.get("priority", 0)),
+            min_tokens=int(request.get("min_tokens", 0)),
             sampling=dict(request.get("sampling") or {}),
         )
         outcome = RequestOutcome()

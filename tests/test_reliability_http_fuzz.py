@@ -1,10 +1,9 @@
 """Fuzz the HTTP API through real Ray Serve (loopback) with hypothesis-generated requests: no 5xx, no hangs.
 
-Why hypothesis and not schemathesis: the routes parse their bodies themselves (OpenAI's schema is wider than
-what FastAPI could declare), so the app's OpenAPI document has no request-body schemas to generate from (and
-it is switched off: ``openapi_url=None``). The strategies below follow the OpenAI request shapes instead:
-raw bytes, arbitrary JSON, and near-valid bodies with every known field drawn from valid values, edge cases
-and junk.
+This complements tests/test_serve_schemathesis.py, which generates requests from the app's own OpenAPI
+document (and so only what that document describes): the strategies below follow the OpenAI request shapes
+instead, including what no schema would produce: raw bytes, arbitrary JSON, and near-valid bodies with every
+known field drawn from valid values, edge cases and junk.
 
 Every response must come within 15 s (httpx timeout) and be: a 2xx with a well-formed answer (a stream ends
 with ``[DONE]`` and carries no error event), or a 4xx with an OpenAI-shaped error body. App ``rel-fuzz``: one
@@ -127,7 +126,9 @@ def test_chat_fuzz(http, body):
 def test_any_method_and_path(http, method, path, body):
     response = http.request(method, path, content=body if method not in ("GET", "HEAD") else None)
     assert response.status_code < 500, (method, path, response.status_code, response.text[:200])
-    if response.status_code >= 400 and method != "HEAD":
+    # httpx resolves dot segments ("/.." leaves the app's route prefix): Serve's proxy answers those itself.
+    ours = response.request.url.path.startswith(http.base_url.path.rstrip("/") + "/")
+    if response.status_code >= 400 and method != "HEAD" and ours:
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 

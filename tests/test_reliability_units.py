@@ -16,19 +16,19 @@ import pytest
 import ray.exceptions
 from ray.serve.exceptions import BackPressureError
 
-from halffull.deploy.app import (
+from halffull.deploy.auth import (
     API_KEYS_ENV,
     API_KEYS_FILE_ENV,
-    ApiError,
-    _classify,
-    _Run,
     api_key_digests,
     bearer_token,
     key_allowed,
     key_digest,
     load_api_keys,
-    resolve_max_tokens,
 )
+from halffull.deploy.protocol.errors import ApiError
+from halffull.deploy.run import Run as _Run
+from halffull.deploy.run import classify as _classify
+from halffull.deploy.serving import resolve_max_tokens
 from halffull.replicas.backend import GenerateRequest, RequestOutcome
 from halffull.replicas.sim.realtime import AsyncSimEngine, EngineDeadError, EngineOverloadedError
 

@@ -10,7 +10,8 @@ import ray.exceptions
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from halffull.deploy.app import RAY_DEFAULT_ROUTER, AppConfig, _classify, build_app
+from halffull.deploy.app import RAY_DEFAULT_ROUTER, AppConfig, build_app
+from halffull.deploy.run import classify as _classify
 from halffull.replicas.engine.policies import engine_policy_names
 from halffull.router.registry import POLICY_NAMES
 

@@ -44,7 +44,7 @@ CASES = [
     ("max-tokens-huge", "POST", "/v1/completions", {"model": M, "prompt": "hi", "max_tokens": 10**12}, 400, "context_length_exceeded", "max_tokens", "maximum context length is 8192"),
     ("max-tokens-over-context", "POST", "/v1/completions", {"model": M, "prompt": "hi", "max_tokens": CTX}, 400, "context_length_exceeded", "max_tokens", "Please reduce"),
     ("stream-not-bool", "POST", "/v1/completions", {"model": M, "prompt": "hi", "stream": "yes"}, 400, "invalid_type", "stream", "boolean"),
-    ("temperature-range", "POST", "/v1/completions", {"model": M, "prompt": "hi", "temperature": 5}, 400, "invalid_type", "temperature", "[0, 2]"),
+    ("temperature-range", "POST", "/v1/completions", {"model": M, "prompt": "hi", "temperature": 5}, 400, "invalid_value", "temperature", "[0, 2]"),
     ("ignore-eos-type", "POST", "/v1/completions", {"model": M, "prompt": "hi", "ignore_eos": 1}, 400, "invalid_type", "ignore_eos", "boolean"),
     ("priority-type", "POST", "/v1/completions", {"model": M, "prompt": "hi", "priority": "high"}, 400, "invalid_type", "priority", "integer"),
     ("n-two", "POST", "/v1/completions", {"model": M, "prompt": "hi", "n": 2}, 400, "invalid_value", "n", "n = 1"),

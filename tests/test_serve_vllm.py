@@ -131,6 +131,39 @@ def test_sampling_fields_reach_the_engine(client):
     assert seeded != text(temperature=1.0, seed=2)
 
 
+def greedy_text(client, ids: list[int], max_tokens: int, **extra) -> tuple[str, str, int]:
+    out = client.completions.create(model=MODEL, prompt=ids, max_tokens=max_tokens, temperature=0,
+                                    extra_body={"ignore_eos": True, **extra})
+    return out.choices[0].text, out.choices[0].finish_reason, out.usage.completion_tokens
+
+
+def stop_in(text: str, start: int) -> str:
+    """A 2-character stop string taken from ``text`` at or after ``start`` (no whitespace in it)."""
+    k = next(i for i in range(start, len(text) - 1) if not text[i:i + 2].isspace() and text[i:i + 2].strip() == text[i:i + 2])
+    return text[k:k + 2]
+
+
+def test_stop_strings_reach_the_engine_and_cut_the_text(client):
+    ids = [5, 17, 300, 42, 99, 7]
+    full, _, _ = greedy_text(client, ids, 32)
+    stop = stop_in(full, len(full) // 2)
+    text, finish, num_tokens = greedy_text(client, ids, 32, stop=[stop])
+    assert (text, finish) == (full[:full.index(stop)], "stop")
+    assert num_tokens < 32
+
+
+def test_min_tokens_reaches_the_engine(client):
+    """A stop string found in the first tokens ends the output early, unless min_tokens holds it off: then the
+    engine itself must go on (the ingress cannot make it generate more)."""
+    ids = [9, 8, 7, 6, 5, 4]
+    full, _, _ = greedy_text(client, ids, 32)
+    stop = stop_in(full, 0)
+    _, finish, early = greedy_text(client, ids, 32, stop=[stop])
+    assert finish == "stop" and early < 16
+    _, _, held = greedy_text(client, ids, 32, stop=[stop], min_tokens=16)
+    assert held >= 16
+
+
 def test_token_ids_beyond_the_vocabulary_are_a_400(http):
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": [1, 2, 100_000], "max_tokens": 2})
     assert r.status_code == 400, r.text

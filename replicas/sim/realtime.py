@@ -32,7 +32,10 @@ The simulated model:
     (so the same prompt gives the same text);
   * unless ``ignore_eos``, it stops at a pseudo-EOS length that depends only on the prompt:
     ``eos_min_tokens + crc32(prompt ids as little-endian uint64) % (eos_max_tokens - eos_min_tokens + 1)``
-    (defaults 16..256); ``max_tokens`` always caps the output.
+    (defaults 16..256), or at the request's ``min_tokens`` if that is longer; ``max_tokens`` always caps the
+    output;
+  * ``GenerateRequest.sampling`` is ignored (the ingress refuses what the simulated model cannot honour and
+    applies stop strings to the text itself).
 
 Clock: the scheduler's ``now``, arrival times and ``stats()["stats_time"]`` are wall-clock ``time.time()``
 seconds, so a router can compare them with its own time (one host, or NTP-synchronised hosts). Step
@@ -432,7 +435,7 @@ class AsyncSimEngine:
         eos = _eos_length(crc, self.eos_min_tokens, self.eos_max_tokens)
         req = Request(
             rid, len(ids), request.max_tokens, self.clock(), priority=request.priority, prompt_token_ids=ids,
-            stop_after_tokens=None if request.ignore_eos else eos,
+            stop_after_tokens=None if request.ignore_eos else max(eos, request.min_tokens),
         )
         stream = _Stream(crc)
         if outcome is None:

@@ -17,8 +17,10 @@ schedulers with a preemption counter (replicas/vllm/engine_stats.py). ``AsyncLLM
 its own process (~15 s start on CPU); the replica's process keeps the tokenizer-free frontend.
 
 Requests: the ingress tokenizes, so the engine gets token ids (``TokensPrompt``) and returns token ids
-(``detokenize=False``, ``output_kind=DELTA``); the client's sampling fields (``GenerateRequest.sampling``:
-temperature, top_p, seed, penalties) go into ``SamplingParams``, vLLM's defaults otherwise. ``generate`` yields each new token id; the ``RequestOutcome`` gets the prompt length, the prefix-cache
+(``output_kind=DELTA``; ``detokenize`` only with stop strings, which vLLM matches on its own text); the
+client's fields (``GenerateRequest.sampling``: temperature, top_p, seed, penalties, stop, logit_bias, and
+``response_format`` as ``structured_outputs``; ``min_tokens``) go into ``SamplingParams`` (``sampling_kwargs``),
+vLLM's defaults otherwise. ``generate`` yields each new token id; the ``RequestOutcome`` gets the prompt length, the prefix-cache
 hit (``RequestOutput.num_cached_tokens``), output tokens, the request's preemptions (``RequestOutput.metrics``,
 present unless ``disable_log_stats``) and the finish reason (vLLM's ``stop`` / ``length`` / ``abort``; anything
 else reads as ``abort``). Closing the iterator early (or cancelling its consumer) aborts the request in vLLM
@@ -70,6 +72,24 @@ def engine_environment(config: VllmEngineConfig, node_ip: str | None,
     return env
 
 
+def sampling_kwargs(sampling: Mapping[str, Any], structured_outputs_cls: Any) -> dict[str, Any]:
+    """``SamplingParams`` keyword arguments for a request's ``sampling`` (replicas/backend.py ``SAMPLING_FIELDS``).
+
+    The plain fields pass as they are; ``stop`` also turns detokenization on (vLLM finds stop strings in its
+    own detokenized text; without stop strings it is off: the ingress decodes the token ids itself);
+    ``response_format`` becomes ``structured_outputs`` (json_object, or the json_schema's schema).
+    """
+    kwargs = dict(sampling)
+    kwargs["detokenize"] = bool(kwargs.get("stop"))
+    response_format = kwargs.pop("response_format", None)
+    if response_format is not None:
+        if response_format["type"] == "json_object":
+            kwargs["structured_outputs"] = structured_outputs_cls(json_object=True)
+        elif response_format["type"] == "json_schema":
+            kwargs["structured_outputs"] = structured_outputs_cls(json=response_format["json_schema"]["schema"])
+    return kwargs
+
+
 class VllmBackend:
     """One ``AsyncLLM`` engine behind the Backend interface (see the module docstring). Construct it inside
     the replica's event loop (Serve runs deployment constructors there)."""
@@ -78,6 +98,7 @@ class VllmBackend:
                  engine_params: Mapping[str, Any] | None = None, *, node_ip: str | None = None):
         os.environ.update(engine_environment(config, node_ip))
         from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -89,6 +110,7 @@ class VllmBackend:
             def tokens_input(ids: list[int]) -> dict[str, Any]:
                 return {"prompt_token_ids": ids}
         self._SamplingParams, self._DELTA, self._tokens_input = SamplingParams, RequestOutputKind.DELTA, tokens_input
+        self._StructuredOutputsParams = StructuredOutputsParams
         args = AsyncEngineArgs(
             **config.engine_kwargs(),
             additional_config={"halffull": {"engine_policy": engine_policy,
@@ -148,7 +170,8 @@ class VllmBackend:
         outcome = outcome if outcome is not None else RequestOutcome()
         outcome.num_prompt_tokens = len(request.prompt_token_ids)
         params = self._SamplingParams(max_tokens=request.max_tokens, ignore_eos=request.ignore_eos,
-                                      output_kind=self._DELTA, detokenize=False, **request.sampling)
+                                      min_tokens=request.min_tokens, output_kind=self._DELTA,
+                                      **sampling_kwargs(request.sampling, self._StructuredOutputsParams))
         rid = request.request_id
         entry = self._inflight[rid] = [request.max_tokens, 0]
         stream = self.llm.generate(self._tokens_input(list(request.prompt_token_ids)), params, rid,
