@@ -30,7 +30,10 @@ Chat template (``apply_chat_template``), Llama-3 layout with single-id special t
 ``content`` is a string or a list of ``{"type": "text", "text": ...}`` parts (joined without separator).
 
 Output: the simulated engine samples placeholder tokens from ``output_vocab()``: short English words, each
-a single token (``" the"``, ``" of"``, ...), so generated text is readable and its token count is exact.
+a single token (``" the"``, ``" of"``, ...), so generated text is readable and its token count is exact: every
+word is a space and letters, one piece of its own, so re-encoding the generated text (as benchmark clients
+do to count output tokens) gives back exactly the generated tokens. No punctuation: ``"."`` next to ``","``
+would be one piece.
 """
 
 from __future__ import annotations
@@ -57,8 +60,8 @@ _OUTPUT_WORDS = (  # each at most MAX_CHUNK_BYTES bytes: one token
     " as", " his", " I", " at", " be", " or", " one", " had", " by", " but", " not", " all", " we",
     " can", " use", " an", " she", " do", " how", " if", " up", " out", " so", " her", " him", " has", " two",
     " go", " see", " no", " way", " my", " now", " day", " did", " get", " may", " new", " sun", " sea",
-    " sky", " red", " big", " old", " cat", " dog", " run", " sat", " map", " key", " box", ".", ",",
-)
+    " sky", " red", " big", " old", " cat", " dog", " run", " sat", " map", " key", " box",
+)  # all of the form " " + letters: each is its own piece, so generated text re-encodes to the same tokens
 
 
 def _pack(chunk: bytes) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 
+from halffull.deploy import hf_export
 from halffull.loadtest import command
 from halffull.loadtest.bench import cli as bench_cli
 from halffull.loadtest.experiments import compare as sim_compare
@@ -19,6 +20,7 @@ COMMANDS: tuple[command.Register, ...] = (
     bench_cli.register,      # bench sim | router | serve
     tiny_model.register,     # make-tiny-model
     live_compare.register,   # loadtest compare
+    hf_export.register,      # sim-tokenizer
 )
 
 
