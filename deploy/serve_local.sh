@@ -28,8 +28,11 @@ PID_FILE="$RUN_DIR/ray_head.pid"
 ADDRESS="127.0.0.1:$RAY_PORT"
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 export RAY_ADDRESS="$ADDRESS"
-# Token authentication on, for the head and for every CLI call below (the token lives in ~/.ray/auth_token;
-# `ray start` creates it if missing). Ray 2.60 enables it for a new head but its CLI clients need to be told.
+# Token authentication on, for the head and for every CLI call below. Ray 2.60's `ray start` does NOT create a
+# token (it checks with create_token_if_missing=False and fails with AuthenticationError on a fresh machine), so
+# ensure_token() makes one first, the way Ray documents: `ray get-auth-token --generate` writes
+# ~/.ray/auth_token if no token is found. A token given as RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH is used instead
+# (Ray's token loader reads those before the file) and nothing is written.
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 mkdir -p "$RUN_DIR"
 
@@ -48,6 +51,17 @@ check_loopback() {
   log "ss -ltnp: every Ray listener is on 127.0.0.1"
 }
 
+ensure_token() {
+  [ "$RAY_AUTH_MODE" = "token" ] || return 0
+  # umask 077: a token Ray creates here is readable by this user only (Ray itself writes it 0644).
+  if ! (umask 077 && ray get-auth-token --generate >/dev/null 2>"$RUN_DIR/auth_token.log"); then
+    log "ERROR: could not find or create a Ray auth token:"; cat "$RUN_DIR/auth_token.log"; exit 1
+  fi
+  if grep -q "Generated new authentication token" "$RUN_DIR/auth_token.log"; then
+    log "created a Ray auth token in ~/.ray/auth_token (mode 600)"
+  fi
+}
+
 wait_ready() {
   local deadline=$((SECONDS + ${1:-120}))
   until curl -sf "$HTTP/v1/models" >/dev/null 2>&1; do
@@ -60,6 +74,7 @@ start() {
   if [ -n "$(head_pid || true)" ]; then
     log "Ray head already running (pid $(cat "$PID_FILE"))"
   else
+    ensure_token
     log "starting a Ray head on $ADDRESS (loopback only)"
     ray start --head --block --port="$RAY_PORT" --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 \
       --include-dashboard=false --num-cpus="${HALFFULL_NUM_CPUS:-4}" --disable-usage-stats \
@@ -110,9 +125,10 @@ stop() {
   pid="$(head_pid || true)"
   if [ -z "$pid" ]; then log "no Ray head of this script is running"; rm -f "$PID_FILE"; return 0; fi
   log "serve shutdown"
-  timeout 60 serve shutdown --address "http://127.0.0.1:52365" -y >/dev/null 2>&1 \
-    || timeout 60 python -c "import ray; from ray import serve; ray.init(address='$ADDRESS', logging_level='ERROR'); serve.shutdown()" \
-    || log "serve shutdown failed; stopping Ray anyway"
+  # Through this cluster's GCS address, not `serve shutdown --address http://127.0.0.1:52365`: 52365 is every
+  # Ray node's default dashboard-agent port, so on a machine with another Ray cluster it may be that one's.
+  timeout 60 python -c "import ray; from ray import serve; ray.init(address='$ADDRESS', logging_level='ERROR'); serve.shutdown()" \
+    >/dev/null 2>&1 || log "serve shutdown failed; stopping Ray anyway"
   log "stopping the Ray head (pid $pid)"
   kill -TERM "$pid"
   for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
