@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from halffull.deploy.tokenizer import SimTokenizer
 from halffull.replicas.deployment import BACKENDS, MAX_ONGOING_REQUESTS
-from halffull.replicas.sim.latency import LatencyModel
+from halffull.replicas.sim.profile_model import latency_model
 from halffull.replicas.sim.realtime import SimEngineConfig, check_engine_params, check_field_types, known_fields
 from halffull.replicas.vllm.config import VllmEngineConfig  # no vLLM import: the config section only
 from halffull.router.registry import make_policy
@@ -113,7 +113,7 @@ class AppConfig:
         if self.vllm:
             raise ValueError("vllm options need backend: vllm")
         engine = self.engine_config()  # engine options and the engine policy's params fail here
-        LatencyModel.from_profile(engine.gpu, engine.model, engine.tp)
+        latency_model(engine.gpu, engine.model, engine.tp)
 
     def check_vllm(self) -> None:
         sim_only = [f.name for f in dataclasses.fields(self)
@@ -146,7 +146,7 @@ class AppConfig:
         if self.backend == "vllm":
             return self.vllm_config().max_model_len
         engine = self.engine_config()
-        return engine.max_model_len or LatencyModel.from_profile(engine.gpu, engine.model, engine.tp).model.max_model_len
+        return engine.max_model_len or latency_model(engine.gpu, engine.model, engine.tp).model.max_model_len
 
     def base_model(self) -> str:
         """The model behind the endpoint: the simulated profile's name, or vLLM's model path or id."""

@@ -12,6 +12,7 @@ from halffull.loadtest.bench import cli as bench_cli
 from halffull.loadtest.experiments import compare as sim_compare
 from halffull.loadtest.live import compare as live_compare
 from halffull.loadtest.sim import cli as sim_cli
+from halffull.replicas.sim import calibrate
 from halffull.replicas.vllm import tiny_model
 
 COMMANDS: tuple[command.Register, ...] = (
@@ -21,6 +22,7 @@ COMMANDS: tuple[command.Register, ...] = (
     tiny_model.register,     # make-tiny-model
     live_compare.register,   # loadtest compare
     hf_export.register,      # sim-tokenizer
+    calibrate.register,      # calibrate
 )
 
 

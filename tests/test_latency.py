@@ -1,4 +1,5 @@
-"""Tests for the simulated engine's roofline latency model (replicas/sim/latency.py)."""
+"""Tests for the simulated engine's latency models: the roofline (replicas/sim/latency.py, a10g/l4 and any
+directly built LatencyModel) and the per-operator model (replicas/sim/operators.py, calibrated GPUs)."""
 
 import math
 
@@ -8,9 +9,25 @@ from hypothesis import strategies as st
 
 from halffull.replicas.sim.latency import GpuSpec, LatencyModel, ModelSpec, list_profiles, load_profiles
 
+from halffull.replicas.sim.profile_model import latency_model
+from halffull.replicas.sim.operators import GROUPS, OperatorLatencyModel
+
 
 def h100_8b(**overrides) -> LatencyModel:
-    return LatencyModel.from_profile("h100", "llama3-8b", **overrides)
+    return latency_model("h100", "llama3-8b", **overrides)
+
+
+def roofline(gpu: str = "h100", model: str = "llama3-8b", tp: int = 1) -> LatencyModel:
+    """The whole-step roofline with a profile's constants (what latency_model gives uncalibrated GPUs)."""
+    profiles = load_profiles()
+    return LatencyModel(profiles.gpus[gpu], profiles.models[model], tp)
+
+
+def build(profile: tuple[str, str]) -> LatencyModel:
+    """latency_model, or the roofline for a ("roofline-<gpu>", model) profile."""
+    gpu, model = profile
+    return roofline(gpu.removeprefix("roofline-"), model) if gpu.startswith("roofline-") else \
+        latency_model(gpu, model)
 
 
 def loop_decode_run(lm: LatencyModel, batch: int, context: int, max_steps: int, deadline: float):
@@ -45,8 +62,8 @@ def test_h100_8b_kv_capacity_is_a_few_hundred_thousand_tokens():
 @pytest.mark.parametrize("gpu, relation", [("a100", "slower"), ("h200", "faster")], ids=["a100-slower", "h200-faster"])
 @pytest.mark.parametrize("model", ["llama3-8b", "llama3-70b"])
 def test_decode_vs_h100(gpu, relation, model):
-    other = LatencyModel.from_profile(gpu, model).step_time(1, 129, 129)
-    h100 = LatencyModel.from_profile("h100", model).step_time(1, 129, 129)
+    other = latency_model(gpu, model).step_time(1, 129, 129)
+    h100 = latency_model("h100", model).step_time(1, 129, 129)
     assert (other > h100) if relation == "slower" else (other < h100)
 
 
@@ -63,7 +80,7 @@ def test_kv_bytes_per_token_llama3_8b():
     ids=["decode-memory-bound", "prefill-compute-bound"],
 )
 def test_step_time_is_roofline_max_plus_overhead(num_tokens, attn_pairs, kv, bound):
-    lm = h100_8b()
+    lm = roofline()
     compute, memory = lm.compute_time(num_tokens, attn_pairs), lm.memory_time(kv)
     assert (compute > memory) == (bound == "compute")
     assert lm.step_time(num_tokens, attn_pairs, kv) == pytest.approx(max(compute, memory) + lm.step_overhead_s)
@@ -74,7 +91,7 @@ def test_zero_tokens_take_no_time():
 
 
 def test_tp_adds_allreduce_latency_to_each_step():
-    lm = LatencyModel.from_profile("h100", "llama3-70b", tp=4)
+    lm = roofline("h100", "llama3-70b", tp=4)
     overhead = lm.step_time(1, 10, 10) - lm.memory_time(10)
     assert overhead > lm.step_overhead_s
     assert overhead == pytest.approx(lm.step_overhead_s + 2 * 80 * load_profiles().engine["allreduce_latency_s"])
@@ -86,7 +103,7 @@ def test_tp_adds_allreduce_latency_to_each_step():
 )
 @pytest.mark.parametrize("profile", [("h100", "llama3-8b"), ("a10g", "llama3-70b")], ids=["h100-8b", "a10g-70b"])
 def test_more_work_is_never_faster(vary, profile):
-    lm = LatencyModel.from_profile(*profile)
+    lm = latency_model(*profile)
     base = {"num_tokens": 1, "attn_pairs": 1, "kv_tokens_read": 1}
     times = [lm.step_time(**(base | {vary: x})) for x in (1, 8, 64, 512, 4096, 32768, 1 << 24)]
     assert times == sorted(times)
@@ -119,9 +136,10 @@ DECODE_RUNS = [
     (("h100", "llama3-8b"), 8, 8000, 2000, math.inf),
     (("h100", "llama3-8b"), 8, 8000, 2000, 0.5),  # deadline cuts mid-run
     (("h100", "llama3-8b"), 32, 100, 5000, 1e-9),  # first step always starts
-    (("h100", "llama3-8b"), 400, 400, 3000, math.inf),  # compute -> memory crossover inside
-    (("h100", "llama3-8b"), 400, 400, 3000, 10.0),  # crossover, then deadline in memory part
-    (("h100", "llama3-8b"), 400, 400, 3000, 0.3),  # deadline in the compute part
+    (("roofline-h100", "llama3-8b"), 400, 400, 3000, math.inf),  # compute -> memory crossover inside
+    (("roofline-h100", "llama3-8b"), 400, 400, 3000, 10.0),  # crossover, then deadline in memory part
+    (("roofline-h100", "llama3-8b"), 400, 400, 3000, 0.3),  # deadline in the compute part
+    (("h100", "llama3-8b"), 400, 400, 3000, 0.3),
     (("a100", "llama3-8b"), 256, 1000, 4000, 7.3),
     (("h100", "llama3-70b"), 64, 64 * 2000, 1000, 2.0),
     (("l4", "llama3-8b"), 3, 10, 100, 0.75),
@@ -135,7 +153,7 @@ DECODE_RUNS = [
     ids=[f"{p[0]}-{p[1]}-B{b}-C{c}-n{n}-d{d}" for p, b, c, n, d in DECODE_RUNS],
 )
 def test_decode_run_equals_step_loop(profile, batch, context, max_steps, deadline):
-    lm = LatencyModel.from_profile(*profile)
+    lm = build(profile)
     k, elapsed = lm.decode_run(batch, context, max_steps, deadline)
     ref_k, ref_elapsed = loop_decode_run(lm, batch, context, max_steps, deadline)
     assert k == ref_k
@@ -143,7 +161,7 @@ def test_decode_run_equals_step_loop(profile, batch, context, max_steps, deadlin
 
 
 def test_decode_run_grid_includes_a_crossover_and_a_cut():
-    lm = h100_8b()
+    lm = roofline()
     assert crossover_inside(lm, 400, 400, 3000)
     assert lm.decode_run(8, 8000, 2000, 0.5)[0] < 2000
 
@@ -157,7 +175,7 @@ def test_decode_run_grid_includes_a_crossover_and_a_cut():
     deadline=st.one_of(st.just(math.inf), st.floats(1e-6, 30.0)),
 )
 def test_decode_run_equals_step_loop_property(profile, batch, context, max_steps, deadline):
-    lm = LatencyModel.from_profile(*profile)
+    lm = latency_model(*profile)
     k, elapsed = lm.decode_run(batch, context, max_steps, deadline)
     ref_k, ref_elapsed = loop_decode_run(lm, batch, context, max_steps, deadline)
     assert k == ref_k
@@ -204,7 +222,7 @@ def test_decode_cost_ratio_falls_with_batch():
 
 @pytest.mark.parametrize("gpu, model, tp", list_profiles(), ids=[f"{g}-{m}-tp{t}" for g, m, t in list_profiles()])
 def test_every_profile_has_kv_capacity(gpu, model, tp):
-    lm = LatencyModel.from_profile(gpu, model)
+    lm = latency_model(gpu, model)
     assert lm.tp == tp
     assert lm.num_kv_blocks(16) * 16 >= lm.model.max_model_len
     assert gpu in lm.describe() and model in lm.describe()
@@ -222,7 +240,7 @@ def test_every_profile_has_kv_capacity(gpu, model, tp):
     ids=lambda v: str(v),
 )
 def test_default_tp(gpu, model, tp):
-    assert LatencyModel.from_profile(gpu, model).tp == tp
+    assert latency_model(gpu, model).tp == tp
 
 
 def test_num_kv_blocks_formula():
@@ -242,17 +260,17 @@ def test_num_kv_blocks_formula():
 )
 def test_unknown_names_list_valid_ones(kwargs, valid):
     with pytest.raises(ValueError, match=valid):
-        LatencyModel.from_profile(**kwargs)
+        latency_model(**kwargs)
 
 
 def test_70b_on_one_a10g_does_not_fit():
     with pytest.raises(ValueError, match=r"llama3-70b does not fit on 1x a10g"):
-        LatencyModel.from_profile("a10g", "llama3-70b", tp=1)
+        latency_model("a10g", "llama3-70b", tp=1)
 
 
 def test_unknown_override_fails():
     with pytest.raises(TypeError):
-        LatencyModel.from_profile(step_overhead=0.0)
+        latency_model(step_overhead=0.0)
 
 
 def test_direct_construction():
@@ -261,3 +279,79 @@ def test_direct_construction():
     lm = LatencyModel(gpu, model, step_overhead_s=0.0, activation_reserve_bytes_per_gpu=0)
     assert lm.step_time(1, 1, 0) == pytest.approx(2e8 / 1e11)  # memory-bound: weights / bandwidth
     assert lm.num_kv_blocks(1) == math.floor((0.9e10 - 2e8) / model.kv_bytes_per_token)
+
+
+# --- per-operator model (calibrated GPUs) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("gpu, calibrated", [("a100", True), ("h100", True), ("h200", True), ("a10g", False),
+                                             ("l4", False)])
+def test_calibrated_gpus_get_the_operator_model(gpu, calibrated):
+    assert isinstance(latency_model(gpu, "llama3-8b"), OperatorLatencyModel) == calibrated
+
+
+STEPS = [
+    # (num_tokens, attn_pairs, kv_read, num_seqs)
+    (1, 129, 129, 1),  # one decode
+    (256, 256 * 2049, 256 * 2049, 256),  # large decode batch
+    (4096, 4096 * 4097 // 2, 4096, 1),  # one prefill
+    (2048 + 64, 1024 * 1024 + 1024 * 1025 // 2 + 64 * 3001, 2048 + 64 * 3001, 65),  # chunk + decodes
+]
+
+
+@pytest.mark.parametrize("step", STEPS, ids=["decode-1", "decode-256", "prefill-4096", "mixed"])
+@pytest.mark.parametrize("profile", [("a100", "llama3-8b"), ("h100", "llama3-70b")], ids=["a100-8b", "h100-70b"])
+def test_step_time_is_the_sum_of_its_operators(step, profile):
+    lm = latency_model(*profile)
+    parts = lm.breakdown(*step)
+    assert set(parts) == set(GROUPS) and all(v >= 0 for v in parts.values())
+    assert lm.step_time(*step) == pytest.approx(sum(parts.values()), rel=1e-12)
+
+
+def test_lm_head_runs_on_sampled_tokens_only():
+    lm = latency_model("a100", "llama3-8b")
+    one, every = lm.breakdown(4096, 4096 * 4097 // 2, 4096, 1), lm.breakdown(4096, 4096 * 4097 // 2, 4096, 4096)
+    assert every["lm_head"] > 10 * one["lm_head"]
+    assert {k: v for k, v in one.items() if k != "lm_head"} == {k: v for k, v in every.items() if k != "lm_head"}
+
+
+def test_decode_step_defaults_to_every_token_sampled():
+    lm = latency_model("a100", "llama3-8b")
+    assert lm.step_time(32, 32 * 600, 32 * 600) == lm.step_time(32, 32 * 600, 32 * 600, 32)
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_allreduce_is_two_per_layer_from_the_table(tp):
+    lm = latency_model("h100", "llama3-70b", tp=tp)
+    latency, bandwidth = lm.calibration.allreduce[tp]
+    n = 512
+    expected = 80 * 2 * (latency + n * 8192 * 2 / bandwidth)
+    assert lm.breakdown(n, n * (n + 1) // 2, n, 1)["allreduce"] == pytest.approx(expected)
+    assert latency_model("h100", "llama3-8b").breakdown(n, 0, 0, 1)["allreduce"] == 0.0
+
+
+def test_tp_without_an_allreduce_calibration_fails():
+    with pytest.raises(ValueError, match="no all-reduce calibration for tp=16"):
+        latency_model("h100", "llama3-70b", tp=16)
+
+
+@pytest.mark.parametrize("profile", [("a100", "llama3-8b"), ("h200", "llama3-70b")], ids=["a100-8b", "h200-70b"])
+def test_decode_run_is_one_line(profile):
+    run = latency_model(*profile).decode_run_times(64, 64 * 700, 500)
+    assert run.split == run.steps and (run.a1, run.b1) == (run.a2, run.b2) and run.b1 > 0
+
+
+@pytest.mark.parametrize("batch", [1, 64, 200])
+def test_gemm_steps_up_past_a_tile(batch):
+    """Tokens are rounded up to whole GEMM tiles: 129..256 tokens cost the same as 256."""
+    lm = latency_model("a100", "llama3-8b")
+    tile = lm.calibration.linear_tile_tokens
+    n = tile + batch if tile + batch <= 2 * tile else 2 * tile
+    assert lm.breakdown(n, 0, 0, 0)["linear"] == lm.breakdown(2 * tile, 0, 0, 0)["linear"]
+
+
+def test_h200_is_h100_compute_with_more_bandwidth():
+    h100, h200 = (latency_model(g, "llama3-8b") for g in ("h100", "h200"))
+    assert h200.breakdown(1, 129, 129)["linear"] < h100.breakdown(1, 129, 129)["linear"]
+    big = 16384  # compute-bound GEMMs: same chip, same efficiency
+    assert h200.breakdown(big, 0, 0, 0)["linear"] == pytest.approx(h100.breakdown(big, 0, 0, 0)["linear"])

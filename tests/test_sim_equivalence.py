@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 from halffull.replicas.engine.policies import make_engine_policy
 from halffull.replicas.engine.request import Request, RequestStatus
 from halffull.replicas.engine.scheduler import Scheduler, SchedulerConfig
-from halffull.replicas.sim.latency import LatencyModel
+from halffull.replicas.sim.profile_model import latency_model
 from halffull.replicas.sim.virtual import SimReplica
 from tests.helpers import make_sched, req
 
-LATENCY = LatencyModel.from_profile("h100", "llama3-8b")
+LATENCY = latency_model("h100", "llama3-8b")
 POLICIES = ["fcfs", "priority", "no_preempt"]
 
 # name: (num_blocks of 16 tokens, arrival rate per second, number of requests)

@@ -493,12 +493,12 @@ def _models(url: str) -> list[dict]:
 # ---- rows ----------------------------------------------------------------------------------------------
 def _config_columns(run: LiveRun, sl: Slice, requests: int, limits: Mapping[str, int]) -> dict[str, Any]:
     cfg = run.config
-    from halffull.replicas.sim.latency import LatencyModel
+    from halffull.replicas.sim.profile_model import latency_model
 
     return {
         "trace": sl.trace, "label": run.label, "router": cfg.router, "engine_policy": cfg.engine_policy,
         "rate_scale": run.rate_scale, "replicas": cfg.num_replicas, "gpu": cfg.gpu, "model": cfg.model,
-        "tp": LatencyModel.from_profile(cfg.gpu, cfg.model, cfg.tp).tp, "stats_period": cfg.stats_period_s,
+        "tp": latency_model(cfg.gpu, cfg.model, cfg.tp).tp, "stats_period": cfg.stats_period_s,
         "num_routers": cfg.num_routers, "router_params": json.dumps(cfg.router_params, sort_keys=True),
         "engine_params": json.dumps(cfg.engine_params, sort_keys=True), "num_blocks": limits["num_blocks"],
         "max_num_seqs": limits["max_num_seqs"], "max_num_batched_tokens": limits["max_num_batched_tokens"],

@@ -28,6 +28,7 @@ from halffull.replicas.engine.policies import make_engine_policy
 from halffull.replicas.engine.request import Request, hash_trace_blocks
 from halffull.replicas.engine.scheduler import Scheduler, SchedulerConfig
 from halffull.replicas.sim.latency import LatencyModel
+from halffull.replicas.sim.profile_model import latency_model
 from halffull.replicas.sim.virtual import SimReplica
 from halffull.router.accounting import RouterAccounting
 from halffull.router.estimate import OutputLengthEstimator
@@ -107,7 +108,7 @@ class ClusterSim:
     def __init__(self, cfg: ClusterConfig, *, slo: Slo = Slo()):
         self.cfg = cfg
         self.slo = slo
-        self.latency = LatencyModel.from_profile(cfg.gpu, cfg.model, cfg.tp)
+        self.latency = latency_model(cfg.gpu, cfg.model, cfg.tp)
         num_blocks = cfg.num_blocks or self.latency.num_kv_blocks(cfg.block_size)
         default_tokens, default_seqs = vllm_engine_defaults(self.latency)
         self.sched_config = SchedulerConfig(
@@ -238,7 +239,7 @@ def load_trace_for(cfg: ClusterConfig, name_or_path: str, **kw) -> Trace:
     dropped, keeping the arrival process and the leading prefix blocks; ``Trace.num_clipped`` counts them and
     the summary reports it.
     """
-    context = LatencyModel.from_profile(cfg.gpu, cfg.model, cfg.tp).model.max_model_len
+    context = latency_model(cfg.gpu, cfg.model, cfg.tp).model.max_model_len
     return load_trace(name_or_path, max_total_tokens=context, **kw)
 
 

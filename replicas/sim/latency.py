@@ -1,11 +1,18 @@
-"""Roofline latency model of one vLLM engine step, per (GPU, model, tensor-parallel degree) profile.
+"""Latency model of one vLLM engine step, per (GPU, model, tensor-parallel degree) profile.
 
 The simulated engine (DESIGN.md §5) advances its clock by `LatencyModel.step_time`. All constants (GPU
-datasheet numbers, efficiencies, model shapes, overheads) live in `profiles.yaml` next to this file;
-nothing here is tuned in code.
+datasheet numbers, efficiencies, model shapes, overheads, fitted calibrations) live in `profiles.yaml` next
+to this file; nothing here is tuned in code.
+
+Two step models. GPUs with a ``calibration`` entry in profiles.yaml (a100, h100, h200) get the per-operator
+model of operators.py (``OperatorLatencyModel``, fitted to measured operator timings by calibrate.py);
+``profile_model.latency_model`` picks it. The others (a10g, l4: uncalibrated) keep the whole-step roofline below, which is
+also what ``LatencyModel(...)`` built directly computes.
 
 Notation (one engine step, all scheduled requests together):
     n      num_tokens      tokens computed this step (prefill chunks + one per decoding request)
+    seqs   num_seqs        requests scheduled this step (the per-operator model's LM head; the roofline
+                           ignores it)
     pairs  attn_pairs      sum over computed tokens of how many tokens each attends to (causal, itself
                            included): a prefill of p tokens from scratch has p(p+1)/2, a decode token at
                            context c (after the step) has c
@@ -14,7 +21,7 @@ Notation (one engine step, all scheduled requests together):
     F peak FLOP/s, BW peak bytes/s, mfu, bw_eff, M memory bytes                 (GpuSpec, per GPU)
     tp tensor-parallel degree: weights, KV and FLOPs split evenly over tp GPUs
 
-Step time:
+Roofline step time:
     compute   = (2*P*n + 4*L*Hq*D*pairs) / (tp * F * mfu)     # GEMMs + attention (QK^T and AV)
     memory    = (P*s + kv_bytes_per_token * kv) / (tp * BW * bw_eff)
     allreduce = 2 * L * allreduce_latency_s  if tp > 1 else 0  # 2 all-reduces per layer (after
@@ -79,6 +86,8 @@ class ModelSpec:
     head_dim: int
     dtype_bytes: int
     max_model_len: int
+    ffn_size: int = 0  # MLP intermediate size and vocabulary: the per-operator model's shapes
+    vocab_size: int = 0
 
     @property
     def weight_bytes(self) -> float:
@@ -93,12 +102,14 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Profiles:
-    """profiles.yaml, parsed: GPUs, models, default tp per model (per-GPU exceptions), engine constants."""
+    """profiles.yaml, parsed: GPUs, models, default tp per model (per-GPU exceptions), engine constants, and
+    the per-GPU fitted calibrations (raw entries; operators.GpuCalibration parses them)."""
 
     gpus: Mapping[str, GpuSpec]
     models: Mapping[str, ModelSpec]
     default_tp: Mapping[str, Mapping[str, int]]
     engine: Mapping[str, float]
+    calibration: Mapping[str, Mapping]
 
 
 def _spec(cls: type, name: str, entry: dict):
@@ -127,10 +138,19 @@ def load_profiles() -> Profiles:
         models=MappingProxyType(models),
         default_tp=MappingProxyType({m: MappingProxyType(t) for m, t in raw["default_tp"].items()}),
         engine=MappingProxyType(engine),
+        calibration=MappingProxyType(_calibration_section(raw, set(raw["gpus"]))),
     )
 
 
-def _lookup(table: Mapping, kind: str, name: str):
+def _calibration_section(raw: dict, gpus: set[str]) -> dict:
+    """profiles.yaml's ``calibration`` entries (GPU -> fitted constants); each must name a known GPU."""
+    section = raw.get("calibration") or {}
+    if not set(section) <= gpus:
+        raise ValueError(f"{PROFILES_PATH.name}: calibration for unknown GPUs {sorted(set(section) - gpus)}")
+    return section
+
+
+def lookup(table: Mapping, kind: str, name: str):
     """table[name], or a ValueError listing the valid names."""
     if name not in table:
         raise ValueError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(table))}")
@@ -140,8 +160,8 @@ def _lookup(table: Mapping, kind: str, name: str):
 def default_tp(gpu: str, model: str) -> int:
     """The profile's default tensor-parallel degree for `model` on `gpu`."""
     profiles = load_profiles()
-    _lookup(profiles.gpus, "gpu", gpu)
-    per_gpu = _lookup(profiles.default_tp, "model", model)
+    lookup(profiles.gpus, "gpu", gpu)
+    per_gpu = lookup(profiles.default_tp, "model", model)
     return int(per_gpu.get(gpu, per_gpu["default"]))
 
 
@@ -267,16 +287,6 @@ class LatencyModel:
         self._check_fits()
         self._prefill_s_per_token = self.prefill_time(_COST_RATIO_PREFILL_TOKENS) / _COST_RATIO_PREFILL_TOKENS
 
-    @classmethod
-    def from_profile(
-        cls, gpu: str = "h100", model: str = "llama3-8b", tp: int | None = None, **overrides
-    ) -> "LatencyModel":
-        """Build from profiles.yaml names; tp=None takes the profile default; overrides go to __init__."""
-        profiles = load_profiles()
-        gpu_spec = _lookup(profiles.gpus, "gpu", gpu)
-        model_spec = _lookup(profiles.models, "model", model)
-        return cls(gpu_spec, model_spec, default_tp(gpu, model) if tp is None else tp, **overrides)
-
     def _kv_room_bytes(self) -> float:
         """tp * memory * utilisation - weight bytes - activation reserve (all tp GPUs together)."""
         total = self.tp * self.gpu.memory_bytes * self.gpu_memory_utilization
@@ -301,8 +311,9 @@ class LatencyModel:
         """(weight_bytes + kv_bytes_per_token * kv_tokens_read) / (tp * hbm_bw * bw_eff)."""
         return self._s_weights + self._s_kv * kv_tokens_read
 
-    def step_time(self, num_tokens: int, attn_pairs: int, kv_tokens_read: int) -> float:
-        """max(compute_time, memory_time) + step overhead (+ all-reduce latency if tp > 1); 0 if no tokens."""
+    def step_time(self, num_tokens: int, attn_pairs: int, kv_tokens_read: int, num_seqs: int | None = None) -> float:
+        """max(compute_time, memory_time) + step overhead (+ all-reduce latency if tp > 1); 0 if no tokens.
+        (num_seqs: the per-operator model's LM head; the roofline ignores it.)"""
         if num_tokens <= 0:
             return 0.0
         compute = self._s_token * num_tokens + self._s_pair * attn_pairs

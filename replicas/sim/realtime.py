@@ -66,6 +66,7 @@ from halffull.replicas.engine.request import Request, RequestStatus
 from halffull.replicas.engine.scheduler import Scheduler, SchedulerConfig
 from halffull.replicas.engine.stats import engine_stats
 from halffull.replicas.sim.latency import LatencyModel
+from halffull.replicas.sim.profile_model import latency_model
 from halffull.replicas.sim.virtual import step_cost
 from halffull.router.estimate import OutputLengthEstimator
 
@@ -375,7 +376,7 @@ class AsyncSimEngine:
     def from_config(cls, config: SimEngineConfig | Mapping[str, Any] | None = None, **kwargs) -> "AsyncSimEngine":
         if not isinstance(config, SimEngineConfig):
             config = SimEngineConfig.from_dict(config)
-        latency = LatencyModel.from_profile(config.gpu, config.model, config.tp)
+        latency = latency_model(config.gpu, config.model, config.tp)
         sched_config = SchedulerConfig(
             num_blocks=config.num_blocks or latency.num_kv_blocks(config.block_size),
             block_size=config.block_size,

@@ -26,8 +26,9 @@ from halffull.replicas.engine.stats import engine_stats
 from halffull.replicas.sim.latency import DecodeRunTimes, LatencyModel
 
 
-def step_cost(out: SchedulerOutput) -> tuple[int, int, int]:
-    """(tokens computed, attention pairs, KV tokens read) of one step."""
+def step_cost(out: SchedulerOutput) -> tuple[int, int, int, int]:
+    """(tokens computed, attention pairs, KV tokens read, requests scheduled) of one step: the arguments of
+    ``LatencyModel.step_time``."""
     num_tokens = attn_pairs = kv_read = 0
     computed_before = out.computed_before
     for request, n in out.num_scheduled_tokens.items():
@@ -35,7 +36,7 @@ def step_cost(out: SchedulerOutput) -> tuple[int, int, int]:
         num_tokens += n
         attn_pairs += n * c + n * (n + 1) // 2
         kv_read += c + n
-    return num_tokens, attn_pairs, kv_read
+    return num_tokens, attn_pairs, kv_read, len(out.num_scheduled_tokens)
 
 
 class SimReplica:
