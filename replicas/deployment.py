@@ -26,10 +26,13 @@ each caller's handle queues at most ``max_queued_requests`` more before it raise
 ``record_routing_stats()`` publishes the engine's stats (replicas/engine/stats.py keys: ``num_free_blocks`` /
 ``num_total_blocks`` among them), its occupancy (``num_unfinished``, ``num_streams``, ``num_rejected``: what
 must return to zero after cancellations), ``replica``, the counters of ``counters()``, and this process's
-``pid`` / ``rss_bytes``; routers read only the engine-stats keys. Tests call it on the replica actor directly
+``pid`` / ``rss_bytes``, and the received-requests feed (``num_received``, ``recent_prefix_hashes`` of the
+``routing`` kwargs received: router/feed.py, how N routers learn their traffic share and what the others
+sent; counted on entry to ``generate``, rejected requests included, as routers count their sends); routers
+read the engine-stats and feed keys. Tests call it on the replica actor directly
 (``ray.get_actor("SERVE_REPLICA::<app>#LLMReplica#<id>", namespace="serve")``). Serve polls it every
-``request_routing_stats_period_s`` and hands it to the routers as ``RunningReplica.routing_stats``. The prefix-aware policies work from the router's own prefix
-index, so nothing else is published.
+``request_routing_stats_period_s`` and hands it to the routers as ``RunningReplica.routing_stats``. The prefix-aware policies merge the published prefix
+hashes into their own index.
 
 Backends: ``"sim"`` (replicas/sim/realtime.py, options: ``SimEngineConfig``) and ``"vllm"``
 (replicas/vllm/backend.py, options: ``VllmEngineConfig`` fields plus ``engine_policy`` / ``engine_params``;
@@ -39,12 +42,13 @@ its stats come from the engine process, fetched by ``refresh_stats`` before each
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ray import serve
 
 from halffull.replicas.backend import Backend, GenerateRequest, RequestOutcome
 from halffull.replicas.sim.realtime import EngineOverloadedError
+from halffull.router.feed import ReceivedFeed
 
 # Defaults for the Serve options; the app builder (deploy/app.py) may override them.
 MAX_ONGOING_REQUESTS = 512  # the engine itself queues (max_num_seqs 256 running + waiting)
@@ -105,6 +109,14 @@ def make_backend(kind: str, options: Mapping[str, Any] | None) -> Backend:
     raise ValueError(f"unknown backend {kind!r}; valid: {', '.join(BACKENDS)}")
 
 
+def _prefix_hashes(routing: Mapping[str, Any] | None) -> Sequence[int]:
+    """The router-level prefix hashes of a ``routing`` kwarg; () when absent or malformed."""
+    hashes = routing.get("prefix_hashes") if isinstance(routing, Mapping) else None
+    if not isinstance(hashes, (list, tuple)) or not all(type(h) is int for h in hashes):
+        return ()
+    return hashes
+
+
 @serve.deployment(
     max_ongoing_requests=MAX_ONGOING_REQUESTS,
     ray_actor_options={"num_cpus": 0},
@@ -126,8 +138,10 @@ class LLMReplica:
         self.num_aborted = 0
         self.num_rejected = 0
         self.num_output_tokens = 0
+        self.feed = ReceivedFeed()
 
     async def generate(self, request: Mapping[str, Any], routing: Mapping[str, Any] | None = None):
+        self.feed.on_received(_prefix_hashes(routing), time.time())
         spec = GenerateRequest(
             request_id=str(request["request_id"]),
             prompt_token_ids=request["prompt_token_ids"],
@@ -195,7 +209,9 @@ class LLMReplica:
 
     async def record_routing_stats(self) -> dict[str, Any]:
         await self._refresh_stats()
-        stats = self.backend.stats(time.time())
+        now = time.time()
+        stats = self.backend.stats(now)
+        stats.update(self.feed.publish(now))
         occupancy = getattr(self.backend, "occupancy", None)
         if occupancy is not None:
             stats.update(occupancy())

@@ -7,7 +7,10 @@ replica-published stats are the shared truth but stale. ``snapshot`` merges the 
   missing, malformed or non-finite value makes the snapshot ``stats_known=False`` (policies fall back to
   request counts), never an exception;
 * ``delta_*`` fields count this router's requests routed *after* the stats' ``stats_time`` (not yet in
-  them); ``local_outstanding`` counts this router's requests at the replica that have not finished.
+  them); ``local_outstanding`` counts this router's requests at the replica that have not finished;
+* ``traffic_share`` is this router's share of the fleet's traffic (router/share.py), learned from each new
+  publication's ``num_received`` (router/feed.py) against this router's sends. ``snapshots`` hands every
+  new publication to ``on_new_stats`` too (the policies' ``on_stats``: published prefix hashes).
 
 The same class runs in the offline simulator and in the Ray Serve adapter.
 """
@@ -19,8 +22,10 @@ import operator
 from collections import deque
 from dataclasses import dataclass
 from collections.abc import Mapping
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
+from halffull.router.feed import published_received
+from halffull.router.share import ShareParams, TrafficShare
 from halffull.router.types import ReplicaSnapshot
 
 _INT_FIELDS = ("num_running", "num_waiting", "num_waiting_prompt_tokens", "num_free_blocks", "num_total_blocks",
@@ -32,7 +37,8 @@ _PUBLISHED = tuple(f for f in ReplicaSnapshot._fields if f in _INT_FIELDS or f i
 _CHECKS = tuple((key, _PUBLISHED.index(key), key in _INT_FIELDS) for key in _INT_FIELDS + _FLOAT_FIELDS)
 _STATS_TIME, _BLOCK_SIZE, _RATIO, _DECODE = map(_PUBLISHED.index, (
     "stats_time", "block_size", "decode_cost_ratio", "num_decode_tokens_remaining"))
-_LOCAL = ("stats_known", "local_outstanding", "delta_requests", "delta_prompt_tokens", "delta_decode_tokens")
+_LOCAL = ("stats_known", "local_outstanding", "delta_requests", "delta_prompt_tokens", "delta_decode_tokens",
+          "traffic_share")
 if list(ReplicaSnapshot._fields) != ["replica_id", *_PUBLISHED, *_LOCAL]:
     raise TypeError("RouterAccounting.snapshot builds ReplicaSnapshot positionally: update it with the fields")
 
@@ -110,7 +116,8 @@ _new_snapshot = tuple.__new__
 
 
 class RouterAccounting:
-    def __init__(self) -> None:
+    def __init__(self, share: ShareParams | None = None) -> None:
+        self.share = TrafficShare(share)
         self._routed: dict[str, deque[_Routed]] = {}  # replica -> this router's unfinished requests, by time
         self._where: dict[str, str] = {}  # request id -> replica id
         self._parsed: dict[str, tuple[object, tuple | None]] = {}  # replica -> (last stats object, parsed)
@@ -125,6 +132,7 @@ class RouterAccounting:
         queue.append(_Routed(request_id, now, prompt_tokens, decode_tokens))
         self._where[request_id] = replica_id
         self._last.pop(replica_id, None)
+        self.share.on_sent(replica_id, now)
 
     def on_finished(self, request_id: str) -> str | None:
         """Forget a finished request; returns the replica it was on (None if unknown)."""
@@ -148,6 +156,7 @@ class RouterAccounting:
         queue = self._routed.pop(replica_id, deque())
         self._parsed.pop(replica_id, None)
         self._last.pop(replica_id, None)
+        self.share.forget(replica_id)
         for item in queue:
             self._where.pop(item.request_id, None)
         return [item.request_id for item in queue]
@@ -159,13 +168,19 @@ class RouterAccounting:
         """This router's view of one replica whose last published stats are ``stats``."""
         return self.snapshots(((replica_id, stats),))[0]
 
-    def snapshots(self, published: Iterable[tuple[str, Mapping[str, Any] | None]]) -> list[ReplicaSnapshot]:
-        """``snapshot`` of every (replica id, stats) pair, in order (one call per routing decision)."""
+    def snapshots(self, published: Iterable[tuple[str, Mapping[str, Any] | None]],
+                  on_new_stats: Callable[[str, Mapping[str, Any]], None] | None = None) -> list[ReplicaSnapshot]:
+        """``snapshot`` of every (replica id, stats) pair, in order (one call per routing decision).
+
+        ``on_new_stats(replica_id, stats)`` is called once per new, valid publication (before its snapshot is
+        built). A share learned from it applies from the next call: this call's snapshots share one value.
+        """
         out = []
         last_of, parsed_of, routed = self._last, self._parsed, self._routed
+        share = self.share.share
         for replica_id, stats in published:
             last = last_of.get(replica_id)
-            if last is not None and last[0] is stats:
+            if last is not None and last[0] is stats and last[1][-1] == share:
                 out.append(last[1])
                 continue
             queue = routed.get(replica_id, ())
@@ -176,8 +191,11 @@ class RouterAccounting:
             else:
                 values = _published_values(stats)
                 parsed_of[replica_id] = (stats, values)
+                if values is not None:
+                    self._observe(replica_id, stats, values[_STATS_TIME], on_new_stats)
             if values is None:
-                snap = ReplicaSnapshot(replica_id=replica_id, stats_known=False, local_outstanding=len(queue))
+                snap = ReplicaSnapshot(replica_id=replica_id, stats_known=False, local_outstanding=len(queue),
+                                       traffic_share=share)
             else:
                 since = values[_STATS_TIME]
                 n = prompt = 0
@@ -191,7 +209,16 @@ class RouterAccounting:
                         prompt += item.prompt_tokens
                         decode += item.decode_tokens
                 # tuple.__new__: the named tuple's own __new__ is a Python function around exactly this call
-                snap = _new_snapshot(ReplicaSnapshot, (replica_id, *values, True, len(queue), n, prompt, decode))
+                snap = _new_snapshot(ReplicaSnapshot, (replica_id, *values, True, len(queue), n, prompt, decode,
+                                                       share))
             last_of[replica_id] = (stats, snap)
             out.append(snap)
         return out
+
+    def _observe(self, replica_id: str, stats: Mapping[str, Any], stats_time: float,
+                 on_new_stats: Callable[[str, Mapping[str, Any]], None] | None) -> None:
+        received = published_received(stats)
+        if received is not None:
+            self.share.on_published(replica_id, stats_time, received)
+        if on_new_stats is not None:
+            on_new_stats(replica_id, stats)

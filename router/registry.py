@@ -7,8 +7,8 @@ that policy's frozen params dataclass, whose defaults are the only defaults. Unk
 ill-typed values raise ``ValueError`` naming what is valid; range checks live in each params dataclass.
 
 Type rules for values (YAML-friendly but strict): ``bool`` fields take only ``True``/``False``; ``int`` fields
-take ints (not bools); ``float`` fields take ints or floats (not bools), stored as float; ``X | None`` fields
-also take ``None``.
+take ints (not bools); ``float`` fields take ints or floats (not bools), stored as float; ``str`` fields take strings (their
+dataclass checks the allowed values); ``X | None`` fields also take ``None``.
 """
 
 from __future__ import annotations
@@ -76,5 +76,7 @@ def _coerce(key: str, value: Any, hint: Any, name: str) -> Any:
         return value
     if float in allowed and isinstance(value, (int, float)) and not is_bool:
         return float(value)
+    if str in allowed and isinstance(value, str):
+        return value
     expected = " | ".join("None" if t is NoneType else getattr(t, "__name__", str(t)) for t in allowed)
     raise ValueError(f"param {key!r} of policy {name!r} must be {expected}, got {value!r}")

@@ -39,7 +39,16 @@ Lifecycle hooks (verified in ray/serve/_private/router.py, 2.60):
     count has not arrived ``COMPLETION_GRACE_S`` later is dropped from the policy's view (a request the client
     abandoned), since an invented count would bias the output-length estimate.
   * ``on_replica_actor_died`` / ``update_replicas``: replicas that left -> ``policy.on_replica_removed`` and
-    ``RouterAccounting.on_replica_removed``.
+    ``RouterAccounting.on_replica_removed``. ``update_replicas`` runs on every broadcast of the controller
+    (which carries the replicas' latest routing stats): it records each new publication's delivery delay,
+    ``time.time() - stats_time`` (``delivery_delays``, bounded), which sets the simulator's ``stats_delay_s``.
+
+Many routers (one per ingress replica, DESIGN.md §3): nothing crosses between routers except the replicas'
+published stats. New publications reach ``policy.on_stats`` (merging the ``recent_prefix_hashes`` every replica
+publishes, router/feed.py) and the accounting's traffic share (``num_received``, router/share.py), both through
+``RouterAccounting.snapshots``. A router whose peers die or whose stats stop simply sees its share drift and
+falls back to what it knows locally: no peer channel can fail or hang a request. (A request ranked again
+after a rejection counts as sent twice in the share estimate: a small bias toward a larger share.)
 
 No ``FIFOMixin``: with it, a replica found for one request is handed to the *oldest* pending request, so a
 decision made for this request's tokens and prefix would serve another. Without it Ray matches the chosen
@@ -68,11 +77,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import threading
 import time
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Iterable, List, Mapping, Optional, Sequence
 
@@ -91,6 +101,12 @@ COMPLETION_GRACE_S = 5.0
 RESERVATION_TTL_S = 30.0  # a reservation whose request was neither routed nor ranked again is released
 MAX_STATS_AGE_S = 10.0
 _MAX_NOTES = 65536
+_MAX_DELAYS = 4096
+# Every this many seconds (at most) a router logs the delivery delays of the publications it saw since its last
+# such line: "halffull router: stats delivery delay ..." (tests/test_router_delivery_delay.py reads them; the
+# environment variable lets that test log often).
+DELAY_LOG_EVERY_S = float(os.environ.get("HALFFULL_DELAY_LOG_EVERY_S", "60"))
+_DELAY_LOG_SAMPLE = 64  # delays listed per line (the most recent), in ms
 _LOG_EVERY_S = 10.0
 
 
@@ -226,6 +242,12 @@ class HalffullRequestRouter(RequestRouter):
         self._reserved: dict[str, _Reserved] = {}  # internal request id -> first choice, not yet accepted
         self._awaiting: dict[str, _Awaiting] = {}  # request id -> completed, output count not yet reported
         self._replica_ids: set[str] = set()
+        self._on_stats = getattr(self.policy, "on_stats", None)  # optional for a policy from elsewhere
+        self._stats_seen: dict[str, float] = {}  # replica -> stats_time of its last publication seen
+        self.delivery_delays: deque[float] = deque(maxlen=_MAX_DELAYS)  # seconds, newest last
+        self._delays_logged = 0  # delivery_delays appended as of the last log line (a running count)
+        self._delays_seen = 0
+        self._last_delay_log = time.monotonic()
 
     # ---- routing ---------------------------------------------------------------------------------------
     async def choose_replicas(
@@ -257,7 +279,7 @@ class HalffullRequestRouter(RequestRouter):
         # for it are unchanged.)
         max_age = self._max_stats_age_s
         snapshots = self.accounting.snapshots(
-            [(rid, _trusted(r.routing_stats, now, max_age)) for rid, r in by_id.items()])
+            [(rid, _trusted(r.routing_stats, now, max_age)) for rid, r in by_id.items()], self._on_stats)
         tiers = self.policy.choose(view, snapshots, now=now, rng=self._rng)
         ranked, seen = [], set()
         for tier in tiers:
@@ -367,6 +389,40 @@ class HalffullRequestRouter(RequestRouter):
         current = {r.replica_id.unique_id for r in replicas}
         self._forget(self._replica_ids - current)
         self._replica_ids = current
+        try:
+            self._record_delivery(replicas, time.time())
+        except Exception:
+            self._log_error("halffull router: recording the stats delivery delay failed")
+
+    def _record_delivery(self, replicas: Sequence[RunningReplica], now: float) -> None:
+        seen = self._stats_seen
+        for r in replicas:
+            stats = r.routing_stats
+            published = stats.get("stats_time") if isinstance(stats, Mapping) else None
+            if type(published) is not float:
+                continue
+            rid = r.replica_id.unique_id
+            if seen.get(rid) != published:
+                seen[rid] = published
+                self.delivery_delays.append(now - published)
+                self._delays_seen += 1
+        for rid in [k for k in seen if k not in self._replica_ids]:
+            del seen[rid]
+        if time.monotonic() - self._last_delay_log >= DELAY_LOG_EVERY_S:
+            self._log_delays()
+
+    def _log_delays(self) -> None:
+        """One INFO line: the delivery delays of the publications seen since the last line (bounded)."""
+        self._last_delay_log = time.monotonic()
+        new = min(self._delays_seen - self._delays_logged, len(self.delivery_delays))
+        self._delays_logged = self._delays_seen
+        if new < 1:
+            return
+        recent = list(self.delivery_delays)[-new:]
+        ordered = sorted(recent)
+        logger.info("halffull router: stats delivery delay over %d publications: median %.4f p90 %.4f max %.4f s; "
+                    "ms: %s", new, ordered[new // 2], ordered[min(new - 1, int(0.9 * new))], ordered[-1],
+                    " ".join(str(round(d * 1000)) for d in recent[-_DELAY_LOG_SAMPLE:]))
 
     def _forget(self, replica_ids: Iterable[str]) -> None:
         for rid in replica_ids:

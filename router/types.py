@@ -12,7 +12,7 @@ With perfect information (simulator ``--stats-period 0``) the deltas are zero an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, Sequence
+from typing import Any, Mapping, NamedTuple, Protocol, Sequence
 
 
 class RequestView(NamedTuple):
@@ -48,6 +48,9 @@ class ReplicaSnapshot(NamedTuple):
       local_outstanding                this router's requests at the replica not yet finished (exact)
       delta_requests, delta_prompt_tokens, delta_decode_tokens
                                        this router's requests routed after stats_time (not in the stats)
+      traffic_share                    this router's estimated share of the fleet's traffic, in (0, 1]
+                                       (router/share.py; 1.0 = alone or not yet known): with N routers the
+                                       others send about (1/share - 1) times this router's deltas
     ``stats_known`` is False when the replica published nothing usable; policies then fall back to
     request counts from local accounting.
     """
@@ -68,6 +71,7 @@ class ReplicaSnapshot(NamedTuple):
     delta_requests: int = 0
     delta_prompt_tokens: int = 0
     delta_decode_tokens: float = 0.0
+    traffic_share: float = 1.0
 
     @property
     def outstanding_requests(self) -> int:
@@ -120,3 +124,6 @@ class RoutingPolicy(Protocol):
     def on_finished(self, completion: Completion) -> None: ...
 
     def on_replica_removed(self, replica_id: str) -> None: ...
+
+    def on_stats(self, replica_id: str, stats: Mapping[str, Any]) -> None:
+        """A new publication of ``replica_id`` reached this router (router/feed.py keys included)."""

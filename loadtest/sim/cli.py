@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from halffull.loadtest.progress import Progress
-from halffull.loadtest.sim.cluster import ClusterConfig, ClusterSim, config_dict, load_trace_for
+from halffull.loadtest.sim.cluster import STATS_DELAY_S, ClusterConfig, ClusterSim, config_dict, load_trace_for
 from halffull.loadtest.sim.metrics import Slo, format_table
 
 
@@ -49,6 +49,8 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start", type=float, default=0.0, help="window start, seconds into the trace")
     p.add_argument("--duration", type=float, default=None, help="window length in seconds")
     p.add_argument("--stats-period", type=float, default=0.5, help="seconds between replica stats (0 = perfect information)")
+    p.add_argument("--stats-delay", type=float, default=STATS_DELAY_S,
+                   help=f"seconds from a stats refresh to the routers seeing it (default {STATS_DELAY_S})")
     p.add_argument("--num-routers", type=int, default=1, help="router instances, each with its own local view")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slo-ttft", type=float, default=2.0)
@@ -62,7 +64,7 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
         engine_policy=args.engine_policy, engine_params=parse_params(args.engine_param), gpu=args.gpu,
         model=args.model, tp=args.tp, block_size=args.block_size, num_blocks=args.num_blocks,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-        stats_period_s=args.stats_period, num_routers=args.num_routers, seed=args.seed, jump=not args.no_jump,
+        stats_period_s=args.stats_period, stats_delay_s=args.stats_delay, num_routers=args.num_routers, seed=args.seed, jump=not args.no_jump,
     )
 
 
@@ -81,7 +83,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     bar.close()
     s = result.summary
     print(f"{args.trace}: {len(trace)} requests, rate x{args.rate_scale}, {cfg.num_replicas} x {sim.latency.describe()}")
-    print(f"router {cfg.router}, engine {cfg.engine_policy}, stats period {cfg.stats_period_s}s, {cfg.num_routers} router(s)")
+    print(f"router {cfg.router}, engine {cfg.engine_policy}, stats period {cfg.stats_period_s}s "
+          f"(delivered {cfg.stats_delay_s}s later), {cfg.num_routers} router(s)")
     print(format_table(s))
     print(f"clipped to the model's context: {s['clipped']}, rejected: {s['rejected']}   simulated {s['sim_requests_per_s']:.0f} requests/s in {s['sim_wall_s']:.2f}s wall")
     for row in result.per_replica:

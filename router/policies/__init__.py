@@ -10,7 +10,7 @@ Common contract of every ``choose(request, replicas, *, now, rng)``:
 * ties are broken by the passed-in ``rng`` only (a seeded ``random.Random`` makes the ranking deterministic
   for the same inputs in the same order);
 * it never mutates state: persistent state changes only in ``on_routed`` / ``on_finished`` /
-  ``on_replica_removed``.
+  ``on_replica_removed`` / ``on_stats``.
 
 Speed: ``choose`` is on the request path of every call. The helpers below do one C-level ``sort`` on
 precomputed keys; ``rng.random()`` per candidate is the tie-break key (cheaper than ``rng.shuffle``, which
@@ -19,7 +19,7 @@ draws in Python).
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from halffull.router.types import Completion, ReplicaSnapshot, RequestView, Rng, Tiers
 
@@ -54,4 +54,7 @@ class Stateless:
         pass
 
     def on_replica_removed(self, replica_id: str) -> None:
+        pass
+
+    def on_stats(self, replica_id: str, stats: Mapping[str, Any]) -> None:
         pass

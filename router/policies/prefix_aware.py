@@ -16,7 +16,9 @@ Remaining ties in uniformly random order from ``rng``.
 
 The index is this router's view (what it sent, not what the replica still caches): bounded to
 ``max_index_entries`` (hash, replica) pairs with LRU eviction, updated by ``on_routed`` (inserts the
-request's prefix for the chosen replica) and ``on_replica_removed`` (forgets the replica).
+request's prefix for the chosen replica), ``on_stats`` (with ``use_published_prefixes``: merges the replica's
+published ``recent_prefix_hashes``, router/feed.py, so N routers share what each sent) and
+``on_replica_removed`` (forgets the replica).
 
 Params (``PrefixAwareParams``):
   abs_threshold      int >= 0,   default 32     requests; SGLang's original router default (its newer
@@ -27,14 +29,17 @@ Params (``PrefixAwareParams``):
                                                 prompt text)
   max_index_entries  int >= 1,   default 65536  (hash, replica) pairs kept; ~ cluster KV capacity in
                                                 prefix blocks is a good size
+  use_published_prefixes bool, default True     False: the index holds only this router's sends (with 8
+                                                routers, an eighth of the conversations)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from halffull.router.policies import outstanding, rank_ascending
+from halffull.router.feed import merge_published
 from halffull.router.prefix_index import PrefixIndex
 from halffull.router.types import Completion, ReplicaSnapshot, RequestView, Rng, Tiers
 
@@ -49,6 +54,7 @@ class PrefixAwareParams:
     rel_threshold: float = 1.5
     min_match_blocks: int = 1
     max_index_entries: int = 65536
+    use_published_prefixes: bool = True
 
     def __post_init__(self) -> None:
         if self.abs_threshold < 0:
@@ -104,3 +110,7 @@ class PrefixAwarePolicy:
 
     def on_replica_removed(self, replica_id: str) -> None:
         self.index.remove_replica(replica_id)
+
+    def on_stats(self, replica_id: str, stats: Mapping[str, Any]) -> None:
+        if self.params.use_published_prefixes:
+            merge_published(self.index, replica_id, stats)
