@@ -1,4 +1,6 @@
-"""Output-length estimate: an online mean of observed output lengths with a prior.
+"""Output-length estimates. ``OutputLengthEstimator`` (below): an online mean of observed output lengths with
+a prior, for SAL and the published stats. ``SurvivalLengthEstimator`` (end of file): the expected final length
+of a request that has already generated g tokens, for LARRY's lifetime planning (its docstring).
 
     mean = (prior_mean * prior_weight + sum(observed)) / (prior_weight + count(observed))
 
@@ -25,6 +27,8 @@ A replica computing ``num_decode_tokens_remaining`` can use the same class for t
 """
 
 from __future__ import annotations
+
+import math
 
 
 class OutputLengthEstimator:
@@ -72,3 +76,70 @@ class OutputLengthEstimator:
         mean = self._mean
         remaining = (max_tokens if max_tokens < mean else mean) - generated  # min(mean, max_tokens), inlined
         return remaining if remaining >= 1.0 else 1.0
+
+
+class SurvivalLengthEstimator:
+    """Expected final output length of a request that has already generated ``g`` tokens.
+
+    Observed output lengths (finished requests only) go into geometric buckets (ratio ``BUCKET_RATIO``); per
+    bucket b the table holds the mean of every observation in buckets >= b. Then
+
+        expected_total(g) = mean of observed lengths in g's bucket and above      (>= min_samples of them)
+                          = max(prior_mean, 2 * g)                                 (fewer: "as long again")
+        and never below g + 1 (it is still running, so at least one more token comes).
+
+    Conditioning on survival is what makes it useful for heavy-tailed (reasoning) outputs: a request that has
+    already outlived the mean is expected to run much longer, not to stop at once. Bucketing makes a query
+    O(1) (the table is rebuilt on each observation: ``NUM_BUCKETS`` operations). Callers cap the answer with
+    the request's ``max_tokens``. ``prior_mean`` (tokens, > 0; 256) and ``min_samples`` (>= 1; 8).
+    """
+
+    BUCKET_RATIO = 1.25
+    NUM_BUCKETS = 64  # 1.25 ** 64 ~ 1.6e6 tokens: beyond any context
+
+    __slots__ = ("prior_mean", "min_samples", "_count", "_sum", "_tail_mean", "_tail_count", "count")
+
+    def __init__(self, prior_mean: float = 256.0, min_samples: int = 8) -> None:
+        if not prior_mean > 0:
+            raise ValueError(f"prior_mean must be > 0, got {prior_mean}")
+        if min_samples < 1:
+            raise ValueError(f"min_samples must be >= 1, got {min_samples}")
+        self.prior_mean = float(prior_mean)
+        self.min_samples = min_samples
+        self._count = [0] * self.NUM_BUCKETS
+        self._sum = [0.0] * self.NUM_BUCKETS
+        self._tail_mean = [0.0] * self.NUM_BUCKETS
+        self._tail_count = [0] * self.NUM_BUCKETS
+        self.count = 0
+
+    @classmethod
+    def bucket(cls, num_tokens: float) -> int:
+        if num_tokens < 1:
+            return 0
+        return min(int(math.log(num_tokens) / _LOG_RATIO), cls.NUM_BUCKETS - 1)
+
+    def observe(self, num_output_tokens: int) -> None:
+        """Feed one finished request's output length (values below 1 count as 1)."""
+        n = max(int(num_output_tokens), 1)
+        b = self.bucket(n)
+        self._count[b] += 1
+        self._sum[b] += n
+        self.count += 1
+        total, count = 0.0, 0
+        for i in range(self.NUM_BUCKETS - 1, -1, -1):  # suffix sums, high buckets first
+            total += self._sum[i]
+            count += self._count[i]
+            self._tail_count[i] = count
+            self._tail_mean[i] = total / count if count else 0.0
+
+    def expected_total(self, generated: int = 0) -> float:
+        """Expected final output length given ``generated`` tokens so far (see the class docstring)."""
+        b = self.bucket(generated)
+        if self._tail_count[b] >= self.min_samples:
+            estimate = self._tail_mean[b]
+        else:
+            estimate = max(self.prior_mean, 2.0 * generated)
+        return max(estimate, generated + 1.0)
+
+
+_LOG_RATIO = math.log(SurvivalLengthEstimator.BUCKET_RATIO)

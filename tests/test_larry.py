@@ -36,7 +36,8 @@ from halffull.replicas.engine.scheduler import Scheduler, SchedulerConfig
 from halffull.replicas.sim.profile_model import latency_model
 from halffull.replicas.sim.virtual import SimReplica
 
-ALL_OFF = dict(pressure_order=False, growth_reserve=False, least_progress_victim=False)
+ALL_OFF = dict(pressure_order=False, growth_reserve=False, least_progress_victim=False, lifetime_reserve=False,
+               memory_time_order=False, memory_time_victim=False, queue_order=False)
 
 
 # ---- builders -------------------------------------------------------------------------------------------
@@ -184,8 +185,13 @@ STEP_ORDER = {
     # Aging off (tau 1000), max_wait_s 3: L has waited exactly 3 s at now 4.
     "max-wait-front": (larry(pressure_order=True, u_low=0.5, tau=1000.0, max_wait_s=3.0), 1.0, 3.5, 4.0, []),
     "max-wait-not-yet": (larry(pressure_order=True, u_low=0.5, tau=1000.0, max_wait_s=3.0), 1.0, 3.5, 3.75, ["S"]),
-    # The full policy does the same here: H's growth reserve (cdiv(64 + 4, 4) - 16 = 1 block) leaves room for S.
-    "full-larry-small-first": (LarryPolicy(LarryParams(u_low=0.5, tau=1.0)), 3.0, 3.5, 4.0, ["S"]),
+    # Prompt blocks with the growth reserve (the full policy before memory-time order): H's reserve
+    # (cdiv(64 + 4, 4) - 16 = 1 block) leaves room for S.
+    "prompt-order-reserve-small-first": (
+        larry(pressure_order=True, growth_reserve=True, u_low=0.5, tau=1.0), 3.0, 3.5, 4.0, ["S"]),
+    # The full policy sizes by memory-time / E(0): L 4 * (20 + 2) / 4 / 256 = 0.086, S 4 * (4 + 2) / 4 / 256
+    # = 0.023, tiny against a typical lifetime, so aging decides: L (-0.95) before S (-0.49); L blocks.
+    "full-larry-memory-time": (LarryPolicy(LarryParams(u_low=0.5, tau=1.0)), 3.0, 3.5, 4.0, []),
 }
 
 
@@ -330,7 +336,12 @@ GROWTH_LARRY = [
     (larry(), GROWTH_FCFS),
     (larry(growth_reserve=True), GROWTH_LARRY),
     (LarryPolicy(), GROWTH_LARRY),  # ordering (one waiting request) and victim (nothing preempted) idle here
-], ids=["fcfs", "larry-off", "larry-reserve", "larry-full"])
+    # Lifetime reserve alone, nothing observed yet (E = prior 256, so d is capped by max_tokens). Step 2: a has
+    # n 9, 3 blocks held (g' = 12 - 8 = 4), d_a = min(10 - 1, 256 - 1) = 9; b: n 12, d_b 6, nothing cached.
+    # Sweep: t = 8 -> (9 + 11) // 4 = 5; t = 5 -> (21 + 2 * 8) // 4 = 9; minus 3 held = 6 > 3 free: refused.
+    # Step 11 (a gone, nothing running): admitted, and never preempted.
+    (larry(lifetime_reserve=True), GROWTH_LARRY),
+], ids=["fcfs", "larry-off", "larry-reserve", "larry-full", "larry-lifetime"])
 def test_growth_reserve_trajectory(policy, expected):
     sched = make(policy, num_blocks=6)
     assert trace(sched, GROWTH_WORKLOAD, len(expected)) == expected
@@ -356,6 +367,119 @@ def test_growth_reserve_horizon(max_a, horizon, admitted):
         assert rows[1][:3] == ({"a": 1, "b": 12}, ["b"], []) and rows[1][4] == 0
     else:
         assert rows[1][:3] == ({"a": 1}, [], []) and rows[1][4] == 3
+
+
+# lifetime_need (element 4) on the fake view, nothing observed (E = prior 256: d = max_tokens - generated).
+# Running: (id, prompt, max_tokens, sampled, blocks held); need = max over k of (sum n + alive * (d_k - 1 + 3))
+# // 4 over r with d_r >= d_k, minus all blocks held; the admitted request (if any) has no blocks cached.
+LIFETIME = {
+    # a: n 9, d 9 -> (9 + 11) // 4 = 5, minus 3 held.
+    "one-running": ([("a", 8, 10, 1, 3)], None, {}, 2),
+    # b: n 12, d 6 joins: t = 5 -> (21 + 2 * 8) // 4 = 9; minus 3.
+    "with-admission": ([("a", 8, 10, 1, 3)], ("b", 12, 6), {}, 6),
+    # Finishing credit: a (d 9) peaks at t = 8 at 5 blocks, when c (n 5, d 1) is long gone; at t = 0 both:
+    # (14 + 2 * 3) // 4 = 5. Minus 5 held: 0, where summing final sizes would say 5 + 2 - 5 = 2.
+    "finisher-credit": ([("a", 8, 10, 1, 3), ("c", 4, 2, 1, 2)], None, {}, 0),
+    # Horizon 2 tokens: a counted as alive at t = 2 only: (9 + 1 * (2 + 3)) // 4 = 3, minus 3.
+    "horizon": ([("a", 8, 10, 1, 3)], None, {"plan_horizon_tokens": 2}, 0),
+    # growth_scale 0.5 with 16 observations of 8 tokens: E(4) = 8 (bucket of 4 holds none, tail mean 8):
+    # d_a = min(9, ceil(4 + 0.5 * 4 - 1)) = 5 -> (9 + 7) // 4 = 4, minus 3.
+    "scale-half-learned": ([("a", 8, 10, 1, 3)], None, {"growth_scale": 0.5, "observed": [8] * 16}, 1),
+    "nothing-running": ([], None, {}, 0),
+}
+
+
+@pytest.mark.parametrize("running,admit,kw,expected", LIFETIME.values(), ids=LIFETIME.keys())
+def test_lifetime_need(running, admit, kw, expected):
+    kw = dict(kw)
+    observed = kw.pop("observed", [])
+    policy = larry(lifetime_reserve=True, **kw)
+    for n in observed:
+        policy.estimator.observe(n)
+    reqs = [Req(rid, prompt, max_tokens=mt, num_output_tokens=out, num_computed_tokens=prompt + out - 1)
+            for rid, prompt, mt, out, _ in running]
+    view = View(running=reqs, held={r[0]: r[4] for r in running})
+    admission = None
+    if admit:
+        rid, prompt, mt = admit
+        admission = Admission(Req(rid, prompt, max_tokens=mt), 0, prompt, cdiv(prompt, 4), 0, cdiv(prompt, 4))
+    assert policy.lifetime_need(admission, view) == expected
+
+
+def test_policy_learns_only_from_finished_requests():
+    policy = larry(lifetime_reserve=True)
+    sched = make(policy, num_blocks=10)
+    sched.add_request(Request("a", 4, 3, 0.0))
+    sched.add_request(Request("b", 4, 6, 0.0))
+    for k in range(3):
+        step(sched, float(k))
+    assert policy.estimator.count == 1  # a finished (3 tokens); b still running
+    sched.abort("b")
+    assert policy.estimator.count == 1  # an abort teaches nothing
+    assert policy.estimator.expected_total(0) == 256.0  # fewer than min_samples: the prior
+
+
+# Memory-time order (element 5), fake view at full pressure (f = 1), nothing observed (E(0) = 256).
+# S: prompt 4 (1 block), max 100 -> M = 100 * (4 + 50) / 4 = 1350 -> 5.27; L: prompt 20 (5 blocks), max 2
+# -> M = 2 * 21 / 4 = 10.5 -> 0.04. Prompt blocks say S first; memory-time says L first.
+@pytest.mark.parametrize("on,expected", [(False, ["S", "L"]), (True, ["L", "S"])], ids=["prompt-blocks", "memory-time"])
+def test_memory_time_order(on, expected):
+    policy = larry(pressure_order=True, memory_time_order=on, u_low=0.5, tau=1.0, max_wait_s=10.0)
+    waiting = [Req("S", 4, 1.0, max_tokens=100), Req("L", 20, 1.0, max_tokens=2)]
+    assert ids(policy.order_waiting(waiting, View(now=2.0, num_free_blocks=0))) == expected
+
+
+# Memory-time victim (element 6): running (prompt = computed, max_tokens), nothing generated, nothing observed:
+# M = max_tokens * (prompt + max_tokens / 2) / 4, key = M / (computed + 4). r0 32/8 -> 72 / 36 = 2,
+# r1 40/40 -> 600 / 44 = 13.6, r2 16/20 -> 130 / 20 = 6.5, r3 = r1; r4 400/40 -> 4200 / 404 = 10.4 (the most
+# memory-time, but the dearest to recompute).
+VICTIM_MT = {
+    "largest-memory-time-per-recompute": ([(32, 8), (40, 40), (16, 20)], True, "r1"),
+    "tie-most-recent": ([(32, 8), (40, 40), (16, 20), (40, 40)], True, "r3"),
+    "recompute-cost-counts": ([(32, 8), (40, 40), (400, 40)], True, "r1"),
+    "off-least-progress": ([(32, 8), (40, 40), (16, 20)], False, "r2"),
+}
+
+
+@pytest.mark.parametrize("running,on,victim", VICTIM_MT.values(), ids=VICTIM_MT.keys())
+def test_memory_time_victim(running, on, victim):
+    reqs = [Req(f"r{i}", p, max_tokens=m, num_computed_tokens=p) for i, (p, m) in enumerate(running)]
+    policy = larry(memory_time_victim=on, least_progress_victim=True)
+    assert policy.pick_victim(reqs, View(running=reqs)).request_id == victim
+
+
+# Queue order (system load, element 7), fake view without memory pressure (10 of 10 blocks free). Queue:
+# L = 20-token prompt (5 blocks), S = 4 tokens (1 block): 24 queued tokens. Params unless overridden:
+# queue_tokens_low 16, queue_tau 1 s, queue_max_wait_s 10 s; score = blocks - wait / tau, smallest first.
+QUEUE = {
+    # 24 < 30 queued tokens: no queue pressure, FCFS.
+    "below-threshold-fcfs": (2.0, 0.0, 1.0, {"queue_tokens_low": 30}, ["L", "S"]),
+    # L 5 - 2 = 3, S 1 - 1 = 0.
+    "shortest-prompt-first": (2.0, 0.0, 1.0, {}, ["S", "L"]),
+    # L waited 4.5 s longer than S (more than its 4 extra blocks * tau): L 5 - 5 = 0, S 1 - 0.5 = 0.5.
+    "aging": (5.0, 0.0, 4.5, {}, ["L", "S"]),
+    # Aging off (tau 1000); L has waited queue_max_wait_s = 3 s: front.
+    "max-wait-front": (4.0, 1.0, 3.5, {"queue_tau": 1000.0, "queue_max_wait_s": 3.0}, ["L", "S"]),
+    "max-wait-not-yet": (3.75, 1.0, 3.5, {"queue_tau": 1000.0, "queue_max_wait_s": 3.0}, ["S", "L"]),
+    "element-off": (2.0, 0.0, 1.0, {"queue_order": False}, ["L", "S"]),
+}
+
+
+@pytest.mark.parametrize("now,arrival_l,arrival_s,kw,expected", QUEUE.values(), ids=QUEUE.keys())
+def test_queue_order(now, arrival_l, arrival_s, kw, expected):
+    params = {"queue_order": True, "queue_tokens_low": 16, "queue_tau": 1.0, "queue_max_wait_s": 10.0, **kw}
+    policy = larry(**params)
+    waiting = [Req("L", 20, arrival_l), Req("S", 4, arrival_s)]
+    assert ids(policy.order_waiting(waiting, View(now=now))) == expected
+    assert policy.stable_order is not params["queue_order"]
+
+
+def test_queue_order_stable_until_counts_its_bound():
+    policy = larry(queue_order=True, queue_max_wait_s=2.0)
+    waiting = [Req("a", 4, 1.0), Req("b", 4, 2.5)]
+    assert policy.order_stable_until(waiting, View(now=2.75)) == 3.0  # a crosses at 1 + 2
+    both = larry(queue_order=True, queue_max_wait_s=2.0, pressure_order=True, max_wait_s=1.5)
+    assert both.order_stable_until(waiting, View(now=2.75)) == 3.0  # b's 2.5 + 1.5 = 4 comes later
 
 
 # ---- 3. least-progress victim --------------------------------------------------------------------------
@@ -525,6 +649,9 @@ ELEMENTS = {
     "reserve": dict(growth_reserve=True),
     "victim": dict(least_progress_victim=True),
     "all": dict(pressure_order=True, growth_reserve=True, least_progress_victim=True),
+    "lifetime": dict(lifetime_reserve=True, memory_time_order=True, memory_time_victim=True, pressure_order=True),
+    "lifetime-horizon-scale": dict(lifetime_reserve=True, memory_time_victim=True, plan_horizon_tokens=4,
+                                   growth_scale=0.5),
     "all-low-u_low-short-wait": dict(pressure_order=True, growth_reserve=True, least_progress_victim=True,
                                      u_low=0.0, tau=0.1, max_wait_s=3.0, horizon_tokens=8),
 }
@@ -575,13 +702,19 @@ STARVATION = {
     "fcfs": ("fcfs", {}, 0.0, 1.0),
     "larry-default": ("larry", {}, 0.0, LarryParams().max_wait_s + 1.0),
     # Aging alone (no hard bound): the wait grows with tau (measured 1.0, 5.0 and 9.5 s).
-    "larry-aging-tau-0.05": ("larry", {"tau": 0.05, "max_wait_s": 1e6}, 0.5, 2.0),
-    "larry-aging-tau-0.5": ("larry", {"tau": 0.5, "max_wait_s": 1e6}, 3.0, 7.0),
-    "larry-aging-tau-1": ("larry", {"tau": 1.0, "max_wait_s": 1e6}, 7.0, 12.0),
+    # (Sized by prompt blocks, memory_time_order off: "big" has a 640-token prompt but only 16 output tokens,
+    # so by expected memory-time it is barely larger than the small ones and is hardly delayed at all.)
+    "larry-aging-tau-0.05": ("larry", {"tau": 0.05, "max_wait_s": 1e6, "memory_time_order": False}, 0.5, 2.0),
+    "larry-aging-tau-0.5": ("larry", {"tau": 0.5, "max_wait_s": 1e6, "memory_time_order": False}, 3.0, 7.0),
+    "larry-aging-tau-1": ("larry", {"tau": 1.0, "max_wait_s": 1e6, "memory_time_order": False}, 7.0, 12.0),
     # Aging off: the hard bound admits it right after max_wait_s.
     "larry-max-wait-3": ("larry", {"tau": 1e6, "max_wait_s": 3.0}, 3.0, 4.0),
     "larry-max-wait-3-order-only": (
-        "larry", {"tau": 1e6, "max_wait_s": 3.0, "growth_reserve": False, "least_progress_victim": False}, 3.0, 4.0),
+        "larry", {"tau": 1e6, "max_wait_s": 3.0, "growth_reserve": False, "least_progress_victim": False,
+                  "memory_time_order": False, "memory_time_victim": False}, 3.0, 4.0),
+    # Lifetime planning on (reserve, memory-time order and victim): the bound still holds.
+    "larry-lifetime": ("larry", {"lifetime_reserve": True, "memory_time_order": True, "memory_time_victim": True},
+                       0.0, LarryParams().max_wait_s + 1.0),
     # Control: with neither aging nor the bound it waits until the stream ends (20 s).
     "larry-no-aging-starves": ("larry", {"tau": 1e6, "max_wait_s": 1e6}, 15.0, 25.0),
 }
@@ -602,6 +735,12 @@ JUMP = {
     "short-max-wait": {"tau": 1e6, "max_wait_s": 0.3},
     "order-only": {"pressure_order": True, "growth_reserve": False, "least_progress_victim": False},
     "reserve-only": {"pressure_order": False, "growth_reserve": True, "least_progress_victim": False},
+    # The lifetime verdict moves while a request waits (its lifetime starts later): runs stop where it could
+    # turn (LarryPolicy.decode_steps_stable). Without that bound: 7,203 jumped vs 7,085 stepped steps.
+    "lifetime": {"lifetime_reserve": True, "memory_time_order": True, "memory_time_victim": True},
+    "lifetime-only": {"lifetime_reserve": True, "pressure_order": False, "growth_reserve": False,
+                      "least_progress_victim": False},
+    "queue-order": {"queue_order": True, "queue_tokens_low": 512, "queue_max_wait_s": 0.3},
 }
 
 
@@ -628,22 +767,26 @@ def poisson_workload(seed: int, n: int = 300, rate: float = 5.0) -> list[tuple]:
     return out
 
 
-def preemptions_and_ttft(policy: str, seed: int) -> tuple[int, float]:
+LIFETIME_PARAMS = {"lifetime_reserve": True, "memory_time_order": True, "memory_time_victim": True}
+
+
+def preemptions_and_ttft(policy: str, seed: int, params: dict | None = None) -> tuple[int, float]:
     # 128 blocks of 16 tokens (2,048 KV tokens) against requests of up to 768 tokens: memory pressure.
-    requests, sched = replay(policy, {}, poisson_workload(seed), 128)
+    requests, sched = replay(policy, params or {}, poisson_workload(seed), 128)
     return sched.num_preemptions, statistics.mean(r.first_token_time - r.arrival_time for r in requests.values())
 
 
-# Measured (300 requests, 5/s, 128 blocks, H100 / Llama-3-8B):
-#   seed  fcfs preemptions / mean TTFT   larry preemptions / mean TTFT   ratio
-#   0     94 / 0.351 s                    65 / 0.320 s                    0.69
-#   1     92 / 0.265 s                    50 / 0.240 s                    0.54
-#   2     116 / 1.818 s                   82 / 1.664 s                    0.71
-# The issue's target (at most 1/3 of fcfs's preemptions) does not hold; LARRY preempts less, with a lower TTFT.
-# With the calibrated per-operator latency model (seed 0/1/2, fcfs vs larry): preemptions 128/80, 139/68, 125/96;
-# mean TTFT 1.040/0.918, 0.823/0.829, 3.905/3.588 s: on seed 1 LARRY's TTFT is 0.8% above fcfs's.
-@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.xfail(
-    strict=True, reason="calibrated latency model: LARRY's mean TTFT 0.829 s vs fcfs 0.823 s on this seed")), 2])
+# Measured (300 requests, 5/s, 128 blocks, H100 / Llama-3-8B profile as of 2026-12-07; the profile is being
+# recalibrated, which moves these):
+#   seed  fcfs preempt / TTFT   larry 1-3 only    larry (default: 1-3, 5, 6)   + lifetime reserve (4)
+#   0     128 / 1.040 s         80 / 0.918 s      66 / 1.035 s                  11 / 2.214 s
+#   1     139 / 0.823 s         68 / 0.829 s      76 / 0.807 s                  12 / 1.656 s
+#   2     125 / 3.905 s         96 / 3.588 s      76 / 3.969 s                  17 / 5.181 s
+# Default LARRY preempts 0.5-0.6x as often as fcfs, with a lower mean TTFT on seeds 0 and 1 and a 1.6 % higher
+# one on seed 2 (xfail there: reported, not hidden). The lifetime reserve preempts 0.09-0.14x as often, at
+# about twice the mean TTFT: requests wait for memory instead of being preempted later.
+@pytest.mark.parametrize("seed", [0, 1, pytest.param(2, marks=pytest.mark.xfail(
+    strict=True, reason="mean TTFT 3.97 s vs fcfs 3.91 s on this seed"))])
 def test_larry_preempts_less_than_fcfs(seed):
     fcfs_pre, fcfs_ttft = preemptions_and_ttft("fcfs", seed)
     larry_pre, larry_ttft = preemptions_and_ttft("larry", seed)
@@ -652,10 +795,25 @@ def test_larry_preempts_less_than_fcfs(seed):
     assert larry_ttft <= fcfs_ttft
 
 
-@pytest.mark.xfail(strict=True, reason="TARGET (issue), not met: LARRY preempts 0.54-0.71x as often as fcfs")
+def test_lifetime_planning_preempts_a_third_of_fcfs():
+    """The issue's target (at most 1/3 of fcfs's preemptions), met with lifetime planning on."""
+    for seed in (0, 1, 2):
+        assert 3 * preemptions_and_ttft("larry", seed, LIFETIME_PARAMS)[0] <= preemptions_and_ttft("fcfs", seed)[0]
+
+
+@pytest.mark.xfail(strict=True, reason="TARGET (issue), not met by default LARRY: 0.52-0.61x of fcfs's preemptions")
 def test_larry_preempts_a_third_of_fcfs():
     for seed in (0, 1, 2):
         assert 3 * preemptions_and_ttft("larry", seed)[0] <= preemptions_and_ttft("fcfs", seed)[0]
+
+
+@pytest.mark.xfail(strict=True, reason="TARGET (issue), not met: lifetime planning reaches 0.09-0.14x of fcfs's "
+                                       "preemptions but about 2x its mean TTFT")
+def test_lifetime_planning_a_tenth_of_preemptions_without_ttft_cost():
+    for seed in (0, 1, 2):
+        pre, ttft = preemptions_and_ttft("larry", seed, LIFETIME_PARAMS)
+        fcfs_pre, fcfs_ttft = preemptions_and_ttft("fcfs", seed)
+        assert 10 * pre <= fcfs_pre and ttft <= fcfs_ttft
 
 
 # ---- 6. parameters -------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ require_vllm()
 
 import vllm  # noqa: E402,F401  (the module's one vLLM import, after the skip check)
 
-from halffull.replicas.vllm.parity import ParityConfig, run_parity, write_model_config  # noqa: E402
+from halffull.replicas.vllm.parity import LARRY_LIFETIME, ParityConfig, run_parity, write_model_config  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(300)]
 
@@ -37,9 +37,12 @@ def config_dir(tmp_path_factory):
         dict(policy="larry"),
         dict(policy="larry", vllm_scheduler="halffull_async"),
         dict(policy="priority", enable_prefix_caching=False, vllm_scheduler="halffull"),
+        dict(policy="larry", policy_params=LARRY_LIFETIME),
+        dict(policy="larry", policy_params={**LARRY_LIFETIME, "lifetime_reserve": False}),
     ],
     ids=["fcfs-no-prefix-cache", "fcfs-vllm-defaults", "fcfs-full-isl-off", "fcfs-shared-prefixes",
-         "fcfs-small-pool", "fcfs-via-halffull-scheduler", "larry", "larry-async-scheduler", "priority"],
+         "fcfs-small-pool", "fcfs-via-halffull-scheduler", "larry", "larry-async-scheduler", "priority",
+         "larry-lifetime", "larry-memory-time-no-reserve"],
 )
 def test_identical_decisions(config_dir, overrides):
     result = run_parity(ParityConfig(**overrides), config_dir)
@@ -48,7 +51,10 @@ def test_identical_decisions(config_dir, overrides):
     if overrides.get("policy", "fcfs") == "fcfs":
         assert result.vllm_preemptions >= 100, "the stream must force preemptions"
     else:
-        assert result.vllm_preemptions >= 10
+        # the victim code must run; LARRY's memory-time victim (9 here) and lifetime reserve (2) preempt less
+        params = overrides.get("policy_params", {})
+        minimum = 1 if params.get("lifetime_reserve") else 5 if params.get("memory_time_victim") else 10
+        assert result.vllm_preemptions >= minimum
     assert result.rate >= 0.99, result.summary()
     assert result.vllm_preemptions == result.halffull_preemptions
 

@@ -11,6 +11,7 @@ Three layers:
 
 from __future__ import annotations
 
+import math
 import random
 import time
 
@@ -377,3 +378,60 @@ def test_fcfs_subclass_is_vllms_default(engine_runs):
 def test_larry_preempts_less_than_vllm(engine_runs):
     vllm, larry = engine_runs["vllm"]["preemptions"], engine_runs["larry"]["preemptions"]
     assert larry < vllm, f"larry {larry} vs vLLM default {vllm}"
+
+
+# ---- long outputs (reasoning-shaped): varied, mostly long outputs behind short prompts -------------------
+# 24 requests, 12-token prompts, max_tokens drawn once from a lognormal (median 60, sigma 1, capped at 200):
+# long and varied outputs, so memory fills as running requests grow, the regime LARRY's lifetime planning
+# (replicas/engine/larry.py, elements 4-6) is for. Preemptions are vLLM's own counter.
+LONG_PROMPT_LEN, LONG_NUM = 12, 24
+
+
+def _long_requests():
+    rng = random.Random(1)
+    prompts = [{"prompt_token_ids": [rng.randrange(3, 512) for _ in range(LONG_PROMPT_LEN)]} for _ in range(LONG_NUM)]
+    outputs = [max(1, min(200, round(rng.lognormvariate(math.log(60), 1.0)))) for _ in range(LONG_NUM)]
+    return prompts, outputs
+
+
+def _run_long(model_dir, **kwargs):
+    prompts, outputs = _long_requests()
+    llm = LLM(model=model_dir, **ENGINE_ARGS, **kwargs)
+    try:
+        params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0.0) for n in outputs]
+        done = llm.generate(prompts, params, use_tqdm=False)
+        return {"preemptions": _preemptions(llm), "lengths": [len(o.outputs[0].token_ids) for o in done]}
+    finally:
+        shutdown_llm(llm)
+
+
+@pytest.fixture(scope="module")
+def long_runs(model_dir):
+    lifetime = {"lifetime_reserve": True}
+    runs = {
+        "vllm": _run_long(model_dir),
+        "larry": _run_long(model_dir, scheduler_cls=HalffullScheduler,
+                           additional_config={"halffull": {"engine_policy": "larry"}}),
+        "larry_lifetime": _run_long(model_dir, scheduler_cls=HalffullScheduler, additional_config={
+            "halffull": {"engine_policy": "larry", "engine_params": lifetime}}),
+    }
+    print("\n[vllm long outputs] " + ", ".join(f"{k}: {v['preemptions']} preemptions" for k, v in runs.items()))
+    return runs
+
+
+def test_long_outputs_complete(long_runs):
+    _, outputs = _long_requests()
+    # 288 prompt + 1,558 output tokens against 23 blocks x 32 = 736 slots: 2.5x the cache
+    assert LONG_NUM * LONG_PROMPT_LEN + sum(outputs) > 2 * 23 * 32, "the requests must outgrow the KV cache"
+    assert max(outputs) > 10 * LONG_PROMPT_LEN, "outputs much longer than prompts"
+    for name, run in long_runs.items():
+        assert run["lengths"] == outputs, name
+
+
+def test_long_outputs_vllm_default_thrashes(long_runs):
+    assert long_runs["vllm"]["preemptions"] >= 5
+
+
+@pytest.mark.parametrize("name", ["larry", "larry_lifetime"])
+def test_long_outputs_larry_preempts_less_than_vllm(long_runs, name):
+    assert long_runs[name]["preemptions"] < long_runs["vllm"]["preemptions"], long_runs

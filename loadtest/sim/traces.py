@@ -61,6 +61,8 @@ BUILTIN_TRACES: dict[str, Path] = {
     "azure_code": _TRACE_DIR / "AzureLLMInferenceTrace_code.csv",
     "azure_conv": _TRACE_DIR / "AzureLLMInferenceTrace_conv.csv",
     "mooncake_conv": _TRACE_DIR / "mooncake_conversation_trace.jsonl",
+    # Azure conv arrivals with reasoning-model prompt / output lengths (make_reasoning_trace.py, README.md there)
+    "reasoning_long": _TRACE_DIR / "reasoning_long.csv",
 }
 
 _AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
@@ -312,7 +314,7 @@ def _clip(prompt: int, output: int, max_prompt_tokens: int | None, max_total_tok
 def load_trace(name_or_path: Union[str, os.PathLike], *, rate_scale: float = 1.0, limit: int | None = None,
                start_s: float = 0.0, duration_s: float | None = None, max_prompt_tokens: int | None = None,
                max_total_tokens: int | None = None) -> Trace:
-    """Load a builtin trace (``azure_code``, ``azure_conv``, ``mooncake_conv``) or a trace file.
+    """Load a builtin trace (``azure_code``, ``azure_conv``, ``mooncake_conv``, ``reasoning_long``) or a file.
 
     See the module docstring for the pipeline. ``rate_scale`` X makes arrivals X times faster (arrival / X).
     The window is applied on the original timeline (seconds after the trace's first request); ``limit`` keeps

@@ -1,4 +1,8 @@
-"""The interface of engine scheduling policies: what a policy sees and the three hooks it implements.
+"""The interface of engine scheduling policies: what a policy sees and the hooks it implements.
+
+Three decision hooks (``order_waiting``, ``can_admit``, ``pick_victim``) and one learning hook
+(``on_finished``: a request finished normally; the only place a policy may learn output lengths). Optional:
+``order_stable_until`` and ``decode_steps_stable`` tell the simulator how long a decision cannot change.
 
 ``EnginePolicy`` is the base class (its hooks are vLLM's FCFS); a policy reads the engine through ``EngineView``
 and requests through ``RequestLike`` only, so the same object runs in halffull's engine core

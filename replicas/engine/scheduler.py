@@ -28,9 +28,9 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from halffull.prefix_hash import hash_token_blocks
 from halffull.replicas.engine.block_pool import BlockPool, cdiv
 from halffull.replicas.engine.policies import Admission, EnginePolicy, FcfsPolicy
-from halffull.prefix_hash import hash_token_blocks
 from halffull.replicas.engine.request import Request, RequestStatus
 
 
@@ -328,6 +328,7 @@ class Scheduler:
         # As _release, minus hashing the private blocks nobody can look up once the request is gone.
         self.pool.free_finished(request, request.num_computed_tokens)
         del self.requests[request.request_id]
+        self.policy.on_finished(request)
 
     def policy_order_stable_until(self) -> float:
         """Time until which the policy's waiting order cannot change by itself (aging bounds)."""
@@ -364,6 +365,11 @@ class Scheduler:
             if left < limit:
                 limit = left
             firsts.append(len(req_blocks[request.request_id]) * bs - request.num_computed_tokens)
+        if self.waiting:
+            # A policy whose admission verdict moves with decode progress says for how many steps it holds.
+            hook = getattr(self.policy, "decode_steps_stable", None)
+            if hook is not None:
+                limit = min(limit, hook(self.waiting, self))
         if limit <= 1:
             return 1
         return self._block_limit(limit, firsts)

@@ -377,6 +377,9 @@ class _StepClock:
         return self.now
 
 
+LARRY_LIFETIME = dict(lifetime_reserve=True, memory_time_order=True, memory_time_victim=True, queue_order=True,
+                     queue_tokens_low=512)
+
 # The standard runs of ``python -m halffull.replicas.vllm.parity``: (label, overrides of the base config).
 MATRIX: list[tuple[str, dict[str, Any]]] = [
     ("fcfs, vLLM defaults (prefix caching, full-ISL gate)", dict()),
@@ -386,6 +389,8 @@ MATRIX: list[tuple[str, dict[str, Any]]] = [
     ("fcfs, small pool (64 blocks, budget 128)", dict(seed=2, num_gpu_blocks=65, max_num_batched_tokens=128)),
     ("larry in vLLM (HalffullScheduler) vs larry in halffull", dict(policy="larry")),
     ("larry, HalffullAsyncScheduler stepped synchronously", dict(policy="larry", vllm_scheduler="halffull_async")),
+    ("larry + lifetime planning and queue order (elements 4-7) in vLLM vs halffull",
+     dict(policy="larry", policy_params=LARRY_LIFETIME)),
 ]
 
 

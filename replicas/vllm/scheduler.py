@@ -262,6 +262,12 @@ class _PolicyHooks:
         self._unmark_victim()
         super()._preempt_request(request, *args, **kwargs)
 
+    def _free_request(self, request: Request, *args: Any, **kwargs: Any):
+        # What a policy learns output lengths from (EnginePolicy.on_finished): finished, not aborted.
+        if request.status != RequestStatus.FINISHED_ABORTED:
+            self.engine_policy.on_finished(request)
+        return super()._free_request(request, *args, **kwargs)
+
     # ---- admission -----------------------------------------------------------------------------------
     def _admission(self, request: Request, num_new_tokens: int, *, num_new_computed_tokens: int = 0,
                    new_computed_blocks: Any = None, num_lookahead_tokens: int = 0,
