@@ -74,10 +74,7 @@ def test_completion_streaming(client):
                                        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
     chunks = list(stream)
     text_chunks = [c for c in chunks if c.choices and c.choices[0].text]
-    # One SSE event per batch the replica sent: the first token alone, then whatever each interval collected.
-    assert len(TOK.encode(text_chunks[0].choices[0].text)) == 1
-    assert len(TOK.encode("".join(c.choices[0].text for c in text_chunks))) == 9
-    assert 2 <= len(text_chunks) <= 9
+    assert len(text_chunks) == 9  # one SSE event per token
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finals == ["length"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 9
