@@ -14,9 +14,10 @@ Each accepted request (25 tokens) takes ~0.7 s, so the engines serve ~15 request
 * open loop, 40 requests/s for 6 s (~3x capacity), twice: the 429 latency is measured here, at the client,
   next to the latency of a trivial request (``GET /v1/models``, one every 50 ms) at the same moment — the floor
   of the HTTP path on this machine, which also runs Ray, the proxy and the clients (and, on a shared machine,
-  whatever else). Bound: median 429 latency < 250 ms above that floor, 90th percentile < 600 ms above it
-  (a 429 that queued for a slot would take one request's service time, ~700 ms)
-  (skipped with a warning when the floor itself exceeds 50 ms: a machine that busy bounds nothing);
+  whatever else). Bound, side by side with the 200s of the same round: median 429 latency < half the median
+  200 latency, 90th percentile < the median 200 latency (a 429 that queued for a slot would take at least one
+  request's service time, ~700 ms, like a 200) (skipped with a warning when the floor itself exceeds 50 ms: a
+  machine that busy bounds nothing);
 * a burst of 300 requests from 150 clients at once, twice: every request is answered (200 or 429), nothing
   hangs (the HTTP path of a 2-core machine, not a queue, sets the latency here).
 
@@ -200,9 +201,11 @@ def test_a_flood_gets_prompt_429s_bounded_queues_and_recovery(base_url):
             warnings.warn(f"machine too busy for the 429 latency bound (GET /v1/models p50 "
                           f"{s['floor_p50_ms']:.0f} ms > {BUSY_FLOOR_MS} ms): {s}")
             continue
-        # A 429 that had waited for a slot would take at least one request's service time (~700 ms): the bounds
-        # sit well below it, and well above what a busy 2-core CI box adds to the floor (p50 +95 ms seen).
-        assert s["reject_p50_ms"] < 250 + s["floor_p50_ms"] and s["reject_p90_ms"] < 600 + s["floor_p50_ms"], s
+        # A 429 that had waited for a slot would take at least one request's service time, so it would arrive
+        # about as late as the 200s of the same round. Compared side by side, not against a fixed number of ms:
+        # CI's 2 cores slow both together (a fixed 250 ms bound failed there at reject p50 392 ms, ok p50 1.55 s).
+        ok_ms = 1e3 * s["ok_p50_s"]
+        assert s["reject_p50_ms"] < 0.5 * ok_ms and s["reject_p90_ms"] < ok_ms, s
     assert max(bursty["reject_max_ms"], bursty_again["reject_max_ms"]) < 10_000  # answered, not left hanging
     # Every limit fired.
     assert {k for s in (first, bursty, last, bursty_again) for k in s["reasons"]} == {"ingress", "queue", "engine"}
