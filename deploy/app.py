@@ -16,6 +16,8 @@ wires routes (vLLM's ``api_server.py``); the parts live beside it:
     serving.py      completions + chat: request fields, stop strings, ids, JSON / SSE answers
     serving_tokenize.py   /tokenize, /detokenize
     run.py          one request's run: re-sends after replica failure, deadline, failure -> HTTP error
+    channel.py      the token channel's ingress side: every new token of this ingress's streams on one LLM
+                    replica in one message per engine step (replicas/channel.py)
     auth.py, limits.py    API keys; admission and body size
     metrics.py      the halffull_* Prometheus series
 
@@ -67,6 +69,7 @@ from ray.serve.config import BackpressureConfig, RequestRouterConfig
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from halffull.deploy.auth import ApiKeyGuard, api_key_digests
+from halffull.deploy.channel import ChannelClient
 # AppConfig and RAY_DEFAULT_ROUTER are imported from here by tools (loadtest/) beside build_app.
 from halffull.deploy.config import INGRESS_BURST_SLOTS, RAY_DEFAULT_ROUTER, AppConfig, make_tokenizer
 from halffull.deploy.limits import Limits, RequestLimits, endpoint_of
@@ -159,7 +162,8 @@ class OpenAIIngress:
             llm.options(stream=True).generate, tokenizer, model=self.model, max_model_len=self.max_model_len,
             backend=config.backend, prefix_block_size=config.prefix_block_size,
             max_output_tokens=config.max_output_tokens, replica_retries=config.replica_retries,
-            request_timeout_s=config.request_timeout_s, retry_after_s=config.retry_after_s, metrics=metrics)
+            request_timeout_s=config.request_timeout_s, retry_after_s=config.retry_after_s, metrics=metrics,
+            channel=ChannelClient() if config.token_channel else None)
         self.tokenization = TokenizeServing(tokenizer, model=self.model, max_model_len=self.max_model_len)
         if digests:
             logger.info("halffull ingress: API keys required (%d configured)", len(digests))
@@ -191,8 +195,11 @@ class OpenAIIngress:
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def load(self) -> dict[str, Any]:
-        """Generation requests in this ingress replica now, its pid and RSS (tests, soak; not an HTTP route)."""
-        return {"num_active": self.num_active, "auth": bool(ApiKeyGuard.digests), **process_memory()}
+        """Generation requests in this ingress replica now, the runs reading the token channel, its pid and RSS
+        (tests, soak; not an HTTP route)."""
+        channel = self.generation.channel
+        return {"num_active": self.num_active, "auth": bool(ApiKeyGuard.digests),
+                "num_channel_runs": len(channel.runs) if channel is not None else 0, **process_memory()}
 
     # ---- generation ------------------------------------------------------------------------------------
     @fastapi_app.post("/v1/completions", response_model=None, responses=_answer(CompletionResponse, stream=True))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from halffull.deploy.tokenizer import SimTokenizer
-from halffull.replicas.deployment import BACKENDS, MAX_ONGOING_REQUESTS
+from halffull.replicas.deployment import BACKENDS, MAX_ONGOING_REQUESTS, MAX_STREAM_INTERVAL_MS, STREAM_INTERVAL_MS
 from halffull.replicas.sim.profile_model import latency_model
 from halffull.replicas.sim.realtime import SimEngineConfig, check_engine_params, check_field_types, known_fields
 from halffull.replicas.vllm.config import VllmEngineConfig  # no vLLM import: the config section only
@@ -54,6 +54,14 @@ class AppConfig:
     replica_num_cpus: float = 0.0
     replica_num_gpus: float = 0.0  # per LLMReplica (vLLM on GPUs: 1, or tensor_parallel_size)
     ingress_replicas: int = 1
+    # Streaming (replicas/deployment.py "Batches"): a stream's first token goes out at once; each later item
+    # carries every token produced since the previous one and waits at most this long after it (0: one item
+    # per engine step). Larger: less CPU per token, burstier token arrival at the client.
+    stream_interval_ms: float = STREAM_INTERVAL_MS
+    # Tokens from LLM replicas to the ingress over the token channel (replicas/channel.py: one TCP connection per
+    # ingress x replica on the node IP, one message per engine step for all of that ingress's streams) instead of
+    # one Serve stream item per stream per batch (~0.3-0.6 ms of CPU at each end per item).
+    token_channel: bool = True
     # Generation requests one ingress replica handles at once (queued for a replica, running or streaming);
     # beyond it 429 at once (Serve's own limit for the ingress is this + INGRESS_BURST_SLOTS).
     ingress_max_ongoing_requests: int = 4096
@@ -89,6 +97,9 @@ class AppConfig:
                 raise ValueError(f"{name} must be in [{lo}, {_MAX_COUNT}], got {value}")
         if not 1 <= self.prefix_block_size <= 1 << 20:
             raise ValueError("prefix_block_size must be >= 1 (and at most 2**20)")
+        if not 0 <= self.stream_interval_ms <= MAX_STREAM_INTERVAL_MS:
+            raise ValueError(f"stream_interval_ms must be in [0, {MAX_STREAM_INTERVAL_MS:g}], "
+                             f"got {self.stream_interval_ms}")
         if not 0 <= self.replica_retries <= 10:
             raise ValueError(f"replica_retries must be in [0, 10], got {self.replica_retries}")
         for name, value in (("stats_period_s", self.stats_period_s), ("retry_after_s", self.retry_after_s),
@@ -159,13 +170,14 @@ class AppConfig:
     def replica_options(self) -> dict[str, Any]:
         """``LLMReplica``'s constructor arguments (backend kind and its options)."""
         if self.backend == "vllm":
-            return {"backend": "vllm", "engine": {**self.vllm_config().to_dict(), "engine_policy": self.engine_policy,
-                                                  "engine_params": dict(self.engine_params)}}
+            return {"backend": "vllm", "stream_interval_ms": self.stream_interval_ms,
+                    "engine": {**self.vllm_config().to_dict(), "engine_policy": self.engine_policy,
+                               "engine_params": dict(self.engine_params)}}
         engine = self.engine_config()
         engine_dict = {f.name: getattr(engine, f.name) for f in dataclasses.fields(engine)}
         engine_dict["output_vocab"] = list(engine.output_vocab or ())
         engine_dict["engine_params"] = dict(engine.engine_params)
-        return {"backend": "sim", "engine": engine_dict}
+        return {"backend": "sim", "engine": engine_dict, "stream_interval_ms": self.stream_interval_ms}
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -7,6 +7,15 @@ dropped the dead replica (Ray calls ``on_replica_actor_died``), so the re-send g
 that had started generating is not re-run behind the client's back (that would double its cost and latency
 unseen): a stream ends with an error event, a non-streaming request gets a 503 the client may retry.
 
+Tokens. Each stream item after the start event is a batch (a list of token ids: everything the replica
+produced since its previous item, replicas/deployment.py); ``batches()`` yields them as they are, one SSE event
+each (deploy/serving.py), and ``num_tokens`` counts tokens, not items. With the token channel (``channel``, a
+deploy/channel.py ``ChannelClient``) the request dict names this ingress's sink, the start event names the
+replica's channel address, the first batch still comes on the Serve stream (so it leaves as its own event as
+soon as it arrives) and the later batches from the channel, while a task reads the end event or the failure
+from the Serve stream; the rules below are the same on both paths (a broken channel is a replica
+failure).
+
 Failures (``classify``):
   400  the replica's ``validate`` refused the request (ValueError: it can never run there)
   429  Serve's queue for the LLM replicas is full (``BackPressureError``) or the engine's waiting queue is
@@ -23,6 +32,7 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
+from halffull.deploy.channel import ChannelClient, ChannelError, RunTokens
 from halffull.deploy.protocol.errors import ApiError, bad, overloaded
 from halffull.replicas.sim.realtime import EngineDeadError, EngineOverloadedError
 
@@ -34,21 +44,26 @@ def _replica_failed(exc: BaseException) -> bool:
     import ray.exceptions as rex
 
     return isinstance(exc, (rex.RayActorError, rex.ActorUnavailableError, serve.exceptions.ReplicaUnavailableError,
-                            EngineDeadError))
+                            EngineDeadError, ChannelError))
 
 
 class Run:
-    """One request against the LLM deployment: start event, token ids, end event; re-sends and a deadline.
+    """One request against the LLM deployment: start event, batches of token ids (lists), end event; re-sends
+    and a deadline.
 
     ``call(attempt)`` sends attempt ``attempt`` (0, 1, ...) and returns its response stream. A replica failure
     (``_replica_failed``) before the first output token re-sends, at most ``max_retries`` times (in ``start``,
-    ``tokens`` and ``collect``); after it, the failure is the caller's. Every wait ends at ``deadline``
+    ``batches`` and ``collect``); after it, the failure is the caller's. Every wait ends at ``deadline``
     (event-loop time; None: none) with TimeoutError.
     """
 
     def __init__(self, call, request_id: str, arrival: float, *, max_retries: int = 0,
-                 deadline: float | None = None, on_retry=None, num_prompt_tokens: int = 0):
+                 deadline: float | None = None, on_retry=None, num_prompt_tokens: int = 0,
+                 channel: ChannelClient | None = None):
         self._call = call
+        self.channel = channel
+        self._tokens: RunTokens | None = None  # this attempt's tokens on the token channel
+        self._watch: asyncio.Task | None = None  # reads the Serve stream (end, failure) while tokens come there
         self.num_prompt_tokens = num_prompt_tokens  # usage's prompt count until the end event gives the engine's
         self.request_id = request_id
         self.arrival = arrival
@@ -81,10 +96,16 @@ class Run:
     async def start(self) -> None:
         """Send the request; return once a replica accepted it (its start event)."""
         while True:
+            if self.channel is not None:  # registered before sending: its tokens may come before its start
+                self._release()  # a re-send: the failed attempt reads nothing more
+                self._tokens = self.channel.register(self.attempt_id(self.request_id, self.attempt),
+                                                     first_on_stream=True)
             self.stream = self._call(self.attempt)
             self.done = False
             try:
                 first = await self._next()
+                if isinstance(first, dict) and first.get("event") == "start":
+                    await self._attach(first)
             except Exception as exc:  # the stream may still run (our deadline): cancel() must still act
                 if not self._may_retry(exc):
                     raise
@@ -98,6 +119,54 @@ class Run:
             self.replica = first.get("replica")
             return
 
+    async def _attach(self, start: dict[str, Any]) -> None:
+        """Read this attempt's tokens from the token channel the start event names (if any; else from the
+        Serve stream), and its end or failure from the Serve stream, in a task."""
+        tokens = self._tokens
+        if tokens is None:
+            return
+        if "channel" not in start:  # a replica without the channel: tokens come on the Serve stream
+            self._release()
+            return
+        await self.channel.attach(start["channel"], tokens)
+        self._watch = asyncio.get_running_loop().create_task(self._watch_stream(tokens))
+
+    async def _watch_stream(self, tokens: RunTokens) -> None:
+        try:
+            while True:
+                item = await self.stream.__anext__()
+                if isinstance(item, dict):
+                    if item.get("event") == "end" and tokens is self._tokens:
+                        self.end = item
+                        tokens.end(int(item.get("num_output_tokens") or 0))
+                else:  # the first batch (replicas/deployment.py: it never waits for the channel)
+                    tokens.push_first(item)
+        except StopAsyncIteration:
+            if tokens is self._tokens:
+                self.done = True
+            if tokens.expected is None:
+                tokens.fail(RuntimeError("the replica's stream ended without an end event"))
+        except asyncio.CancelledError:
+            tokens.fail(ChannelError("cancelled"))
+            raise
+        except BaseException as exc:  # the replica failed (or our cancel): the reader raises it
+            tokens.fail(exc)
+
+    async def _next_batch(self) -> list[int]:
+        if self.deadline is None:
+            return await self._tokens.next_batch()
+        async with asyncio.timeout_at(self.deadline):
+            return await self._tokens.next_batch()
+
+    def _release(self) -> None:
+        """Stop reading this attempt from the token channel."""
+        tokens, self._tokens = self._tokens, None
+        if tokens is not None:
+            self.channel.unregister(tokens.request_id)
+        watch, self._watch = self._watch, None
+        if watch is not None and not watch.done():
+            watch.cancel()
+
     def _may_retry(self, exc: BaseException) -> bool:
         return self.attempt < self.max_retries and _replica_failed(exc)
 
@@ -110,26 +179,28 @@ class Run:
         # Give the router a moment to learn the replica's death (it hears it from the failed call itself).
         await asyncio.sleep(0.02 * self.attempt)
 
-    def _token(self, item) -> bool:
-        """Account one stream item; True if it is an output token."""
+    def _account(self, item) -> list[int] | None:
+        """Account one stream item: the end event (kept), or a batch of output token ids (returned)."""
         if isinstance(item, dict):
             if item.get("event") == "end":
                 self.end = item
-            return False
+            return None
         now = time.perf_counter()
         if self.first_token_time is None:
             self.first_token_time = now
         self.last_token_time = now
-        self.num_tokens += 1
-        return True
+        self.num_tokens += len(item)
+        return item
 
-    async def tokens(self) -> AsyncIterator[int]:
-        """Output token ids as they come; re-sends only before the first token."""
+    async def batches(self) -> AsyncIterator[list[int]]:
+        """Output token ids as they come, one list per stream item (everything the replica produced since its
+        previous item); re-sends only before the first token."""
         while True:
             try:
-                item = await self._next()
+                item = await (self._next() if self._tokens is None else self._next_batch())
             except StopAsyncIteration:
                 self.done = True
+                self._release()
                 return
             except Exception as exc:  # the stream may still run (our deadline): cancel() must still act
                 if self.num_tokens or not self._may_retry(exc):
@@ -137,12 +208,18 @@ class Run:
                 await self._before_retry(exc)
                 await self.start()
                 continue
-            if self._token(item):
-                yield item
+            batch = self._account(item)
+            if batch:
+                yield batch
+
+    def unread(self, num_tokens: int) -> None:
+        """Take back the last ``num_tokens`` counted tokens: the output ended before them (a stop string), so
+        ``usage`` counts exactly the tokens the answer used."""
+        self.num_tokens -= num_tokens
 
     async def collect(self) -> list[int]:
         """All output token ids (non-streaming), with the same re-send rule."""
-        return [token async for token in self.tokens()]
+        return [token async for batch in self.batches() for token in batch]
 
     @property
     def finish_reason(self) -> str:
@@ -157,6 +234,7 @@ class Run:
 
     def cancel(self) -> None:
         """Cancel the current attempt on its replica (the engine aborts it and frees its KV blocks)."""
+        self._release()
         if self.stream is None or self.done:
             return
         self.done = True

@@ -32,7 +32,8 @@ with the same client id never collide in an engine.
 
 A stream that fails after it started (its replica died after sending tokens, the timeout passed) ends with one
 ``data: {"error": ...}`` event and ``data: [DONE]``; ``halffull_stream_errors_total`` counts them.
-``x-halffull-replica`` / ``x-halffull-retries`` name the replica that answered (or failed) and the re-sends.
+``x-halffull-replica`` / ``x-halffull-retries`` name the replica that answered (or failed) and the re-sends;
+``x-halffull-ingress`` the ingress replica that served the request (with several ingress replicas).
 """
 
 import asyncio
@@ -46,6 +47,7 @@ from typing import Any, Mapping
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from halffull.deploy.channel import ChannelClient
 from halffull.deploy.metrics import IngressMetrics
 from halffull.deploy.protocol.chat import ChatCompletionRequest
 from halffull.deploy.protocol.common import SamplingRequest
@@ -71,12 +73,15 @@ class GenerationServing:
 
     def __init__(self, llm, tokenizer, *, model: str, max_model_len: int, backend: str, prefix_block_size: int,
                  max_output_tokens: int | None, replica_retries: int, request_timeout_s: float | None,
-                 retry_after_s: float, metrics: IngressMetrics):
+                 retry_after_s: float, metrics: IngressMetrics, channel: ChannelClient | None = None):
         self.llm, self.tokenizer, self.model = llm, tokenizer, model
         self.max_model_len, self.backend = max_model_len, backend
         self.prefix_block_size, self.max_output_tokens = prefix_block_size, max_output_tokens
         self.replica_retries, self.request_timeout_s = replica_retries, request_timeout_s
         self.retry_after_s, self.metrics = retry_after_s, metrics
+        self.channel = channel  # the token channel (deploy/channel.py); None: tokens on the Serve stream
+        global INGRESS_ID
+        INGRESS_ID = _ingress_id()
 
     # ---- the request ---------------------------------------------------------------------------------------
     async def create(self, body: SamplingRequest, request: Request, *, chat: bool):
@@ -142,6 +147,8 @@ class GenerationServing:
              arrival: float) -> Run:
         base = {"prompt_token_ids": prompt_ids, "max_tokens": max_tokens, "min_tokens": body.min_tokens or 0,
                 "ignore_eos": bool(body.ignore_eos), "priority": body.priority or 0, "sampling": sampling(body)}
+        if self.channel is not None:
+            base["sink"] = self.channel.sink_id
         prefix_block_size, llm = self.prefix_block_size, self.llm
 
         def call(attempt: int):
@@ -153,7 +160,7 @@ class GenerationServing:
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         return Run(call, request_id, arrival, max_retries=self.replica_retries, deadline=deadline,
                    on_retry=lambda reason: self.metrics.retries.inc(tags={"reason": reason}),
-                   num_prompt_tokens=len(prompt_ids))
+                   num_prompt_tokens=len(prompt_ids), channel=self.channel)
 
     # ---- outcomes ------------------------------------------------------------------------------------------
     def _error(self, exc: BaseException, endpoint: str) -> ApiError:
@@ -195,12 +202,17 @@ class GenerationServing:
                 data["usage"] = None
             return f"data: {json.dumps(data)}\n\n"
 
+        # The text events, the hot path (one per batch of tokens): the JSON of chunk(...) around the text, so
+        # only the text is encoded per event (byte-identical to chunk()).
+        head, tail = chunk({"content": "\0"} if chat else "\0", None).split('"\\u0000"')
+        dumps = json.dumps
+
         done = False
         try:
             if chat:
                 yield chunk({"role": "assistant", "content": ""}, None)
             async for text in output.texts():
-                yield chunk({"content": text} if chat else text, None)
+                yield head + dumps(text) + tail
             yield chunk({} if chat else "", output.finish_reason)
             if include_usage:
                 data = {"id": response_id, "object": obj, "created": created, "model": self.model, "choices": [],
@@ -235,28 +247,60 @@ class _Output:
         return "stop" if self.stopped else self._run.finish_reason
 
     async def texts(self):
-        """Non-empty text pieces, in order: one per token (the first token is never held back), less what a
-        possible stop string holds back."""
-        run = self._run
-        async for token in run.tokens():
-            text, self.stopped = self._stop.feed(self._decoder.feed((token,)),
-                                                 active=run.num_tokens > self._min_tokens)
+        """Non-empty text pieces, in order: one per batch of tokens the replica sent (its first token alone:
+        never held back), less what a possible stop string holds back.
+
+        Without stop strings a batch is decoded at once. With them each token is checked on its own (the
+        text ends at the first stop string that completes once ``min_tokens`` are out, and ``usage`` counts
+        the tokens up to it, exactly as with one token per item); the text of a batch is still sent as one
+        piece."""
+        run, stop, decoder = self._run, self._stop, self._decoder
+        async for batch in run.batches():
+            if stop:
+                text = self._feed_each(batch)
+            else:
+                text = decoder.feed(batch)
             if text:
                 yield text
             if self.stopped:
                 run.cancel()  # the engine need not go on
                 return
-        tail, self.stopped = self._stop.feed(self._decoder.flush(), active=run.num_tokens > self._min_tokens)
-        tail += "" if self.stopped else self._stop.flush()
+        tail, self.stopped = stop.feed(decoder.flush(), active=run.num_tokens > self._min_tokens)
+        tail += "" if self.stopped else stop.flush()
         if tail:
             yield tail
+
+    def _feed_each(self, batch: list[int]) -> str:
+        run, pieces = self._run, []
+        before = run.num_tokens - len(batch)  # tokens counted before this batch
+        for i, token in enumerate(batch):
+            text, self.stopped = self._stop.feed(self._decoder.feed((token,)),
+                                                 active=before + i + 1 > self._min_tokens)
+            pieces.append(text)
+            if self.stopped:
+                run.unread(len(batch) - i - 1)
+                break
+        return "".join(pieces)
 
     async def collect(self) -> str:
         return "".join([text async for text in self.texts()])
 
 
 def _run_headers(run: Run) -> dict[str, str]:
-    return {"x-halffull-replica": run.replica or "", "x-halffull-retries": str(run.attempt)}
+    return {"x-halffull-replica": run.replica or "", "x-halffull-retries": str(run.attempt),
+            "x-halffull-ingress": INGRESS_ID}
+
+
+def _ingress_id() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside a Serve replica (tests)
+        return "local"
+
+
+INGRESS_ID = ""  # this ingress replica's id, set by GenerationServing
 
 
 # ---- checks that need the server's state (pure functions, unit-tested) ---------------------------------------

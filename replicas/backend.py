@@ -5,6 +5,10 @@ A backend runs requests given as token ids and streams token ids back:
     validate(request)             raise ValueError if it can never run (too long for the context / KV cache)
     generate(request, outcome)    async iterator of output token ids; closing it early aborts the request;
                                   ``outcome`` (optional) is filled in as the request runs and when it ends
+    generate_batches(request, outcome)   the same as lists of token ids: everything produced since the
+                                  previous list (at least one token; one engine step's while the consumer keeps
+                                  up, more when it lags). What the replica streams (replicas/deployment.py);
+                                  the simulated engine gives it as ``submit(...).batches()``
     abort(request_id)             drop a request, free its KV blocks
     stats(now)                    the routing stats dict of replicas/engine/stats.py
     check_health()                raise if the engine cannot serve
@@ -55,6 +59,9 @@ class Backend(Protocol):
     def validate(self, request: GenerateRequest) -> None: ...
 
     def generate(self, request: GenerateRequest, outcome: RequestOutcome | None = None) -> AsyncIterator[int]: ...
+
+    def generate_batches(self, request: GenerateRequest,
+                         outcome: RequestOutcome | None = None) -> AsyncIterator[list[int]]: ...
 
     def abort(self, request_id: str) -> bool: ...
 

@@ -10,7 +10,8 @@ priority, min_tokens, sampling). The stream is::
     {"event": "start", "replica": "<replica unique id>"}        once accepted, before any token
     {"event": "overloaded", "message": "..."}                    instead, when the engine's waiting queue is
                                                                  full; nothing follows
-    <int>                                                        one output token id per engine step
+    [<int>, ...]                                                 output token ids: everything produced
+                                                                 since the previous item (see "Batches")
     {"event": "end", "finish_reason": "stop" | "length", "num_prompt_tokens", "num_cached_tokens",
      "num_output_tokens", "num_preemptions"}
 
@@ -19,6 +20,24 @@ it does so before the start event: ValueError when the engine can never run it (
 the context); the ``overloaded`` event when the engine's waiting queue is full (``max_waiting_requests``; the
 ingress answers 429). Cancelling the stream (the client went away) aborts the request in the engine, so
 its KV blocks return to the pool.
+
+Batches. Each item after the start event is a list of output token ids: what the engine produced since the
+previous item (``Backend.generate_batches``: one engine step's tokens while this replica keeps up, several
+steps' when it lags). The first item goes out as soon as the engine produced it; a later one waits until
+``stream_interval_ms`` after the previous item was sent, collecting every token produced meanwhile (0: send
+each step's tokens at once). So a stream costs one item per interval instead of one per token, and a token
+waits at most the interval (plus one step). The trade-off: at 20 ms and a 10 ms engine step a client sees
+two tokens every 20 ms instead of one every 10 ms (same mean TPOT, burstier); under 5 ms steps nothing is
+held back that a person reading could see. ``stream_timings()`` returns when recent requests got their
+first token (wall clock; ``halffull bench stream`` measures from there to the bytes leaving the server).
+
+Token channel. A request dict with ``"sink": "<id>"`` (the ingress's ChannelClient, deploy/channel.py) gets
+its later tokens through this replica's token channel instead (replicas/channel.py): the start event adds
+``"channel": [host, port]``, the first batch still follows it on the Serve stream (never held back, never
+merged with later tokens, whatever state the channel is in), the later tokens of every stream of that ingress
+go out in one frame per engine step (per ``stream_interval_ms``), and the end event comes after the request's
+last tokens were written to the channel. Everything else (routing, admission,
+cancellation aborting the request, replica failure) stays on the Serve call.
 
 Bounded queues (deploy/app.py sets them): Serve sends a replica at most ``max_ongoing_requests`` at once, and
 each caller's handle queues at most ``max_queued_requests`` more before it raises ``BackPressureError``.
@@ -41,17 +60,23 @@ its stats come from the engine process, fetched by ``refresh_stats`` before each
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 from ray import serve
 
 from halffull.replicas.backend import Backend, GenerateRequest, RequestOutcome
+from halffull.replicas.channel import Sink, TokenChannel
 from halffull.replicas.sim.realtime import EngineOverloadedError
 from halffull.router.feed import ReceivedFeed
 
 # Defaults for the Serve options; the app builder (deploy/app.py) may override them.
 MAX_ONGOING_REQUESTS = 512  # the engine itself queues (max_num_seqs 256 running + waiting)
+STREAM_INTERVAL_MS = 20.0  # a later batch of a stream waits at most this long after the previous one
+MAX_STREAM_INTERVAL_MS = 1000.0
+NUM_STREAM_TIMINGS = 4096  # first-token times kept for stream_timings()
 
 
 def bind_replica_grpc_to_node_ip() -> None:
@@ -95,6 +120,55 @@ def process_memory() -> dict[str, int]:
 BACKENDS = ("sim", "vllm")
 
 
+def _prefix_hashes(routing: Mapping[str, Any] | None) -> Sequence[int]:
+    """The router-level prefix hashes of a ``routing`` kwarg; () when absent or malformed."""
+    hashes = routing.get("prefix_hashes") if isinstance(routing, Mapping) else None
+    if not isinstance(hashes, (list, tuple)) or not all(type(h) is int for h in hashes):
+        return ()
+    return hashes
+
+
+async def paced(batches: AsyncIterator[list[int]], outcome: RequestOutcome, interval_s: float,
+                 on_first=None) -> AsyncIterator[list[int]]:
+    """The batches of ``batches``, the first at once, each later one no sooner than ``interval_s`` after the
+    previous one was handed on: waiting *before* reading lets the engine's tokens pile up in the source, so
+    the read after the wait takes them all as one list. No wait once ``outcome.finish_reason`` is set (the
+    request ended: what is left goes at once). ``on_first()`` runs when the first batch arrives."""
+    loop = asyncio.get_running_loop()
+    sent = None
+    while True:
+        if sent is not None and interval_s > 0 and outcome.finish_reason is None:
+            wait = sent + interval_s - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+        try:
+            batch = await batches.__anext__()
+        except StopAsyncIteration:
+            return
+        if sent is None and on_first is not None:
+            on_first()
+        sent = loop.time()
+        yield batch
+
+
+def token_batches(backend: Backend, stream: Any, spec: GenerateRequest, outcome: RequestOutcome):
+    """The batch iterator of a request: a submitted stream's ``batches()`` (simulated engine) or the backend's
+    ``generate_batches`` (vLLM); a backend with neither streams one token per list."""
+    if stream is not None:
+        return stream.batches() if hasattr(stream, "batches") else _singles(stream)
+    if hasattr(backend, "generate_batches"):
+        return backend.generate_batches(spec, outcome)
+    return _singles(backend.generate(spec, outcome))
+
+
+async def _singles(tokens: AsyncIterator[int]) -> AsyncIterator[list[int]]:
+    try:
+        async for token in tokens:
+            yield [token]
+    finally:
+        await tokens.aclose()
+
+
 def make_backend(kind: str, options: Mapping[str, Any] | None) -> Backend:
     if kind == "sim":
         from halffull.replicas.sim.realtime import AsyncSimEngine
@@ -109,14 +183,6 @@ def make_backend(kind: str, options: Mapping[str, Any] | None) -> Backend:
     raise ValueError(f"unknown backend {kind!r}; valid: {', '.join(BACKENDS)}")
 
 
-def _prefix_hashes(routing: Mapping[str, Any] | None) -> Sequence[int]:
-    """The router-level prefix hashes of a ``routing`` kwarg; () when absent or malformed."""
-    hashes = routing.get("prefix_hashes") if isinstance(routing, Mapping) else None
-    if not isinstance(hashes, (list, tuple)) or not all(type(h) is int for h in hashes):
-        return ()
-    return hashes
-
-
 @serve.deployment(
     max_ongoing_requests=MAX_ONGOING_REQUESTS,
     ray_actor_options={"num_cpus": 0},
@@ -126,8 +192,14 @@ def _prefix_hashes(routing: Mapping[str, Any] | None) -> Sequence[int]:
     graceful_shutdown_timeout_s=5.0,
 )
 class LLMReplica:
-    def __init__(self, backend: str = "sim", engine: Mapping[str, Any] | None = None):
+    def __init__(self, backend: str = "sim", engine: Mapping[str, Any] | None = None,
+                 stream_interval_ms: float = STREAM_INTERVAL_MS):
         bind_replica_grpc_to_node_ip()
+        if not 0 <= stream_interval_ms <= MAX_STREAM_INTERVAL_MS:
+            raise ValueError(f"stream_interval_ms must be in [0, {MAX_STREAM_INTERVAL_MS:g}], got {stream_interval_ms}")
+        self.stream_interval_s = stream_interval_ms / 1000.0
+        self.first_token_times: collections.deque = collections.deque(maxlen=NUM_STREAM_TIMINGS)
+        self.channel: TokenChannel | None = None  # started on the first request that names a sink
         self.backend = make_backend(backend, engine)
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -164,14 +236,33 @@ class LLMReplica:
                 return
         else:  # a backend without submit: validated now, admitted on the first token request
             self.backend.validate(spec)
-            stream = self.backend.generate(spec, outcome)
+            stream = None
+        batches = token_batches(self.backend, stream, spec, outcome)
         self.num_requests += 1
+        rid, times = spec.request_id, self.first_token_times
+        sink_id = request.get("sink")
         try:
-            yield {"event": "start", "replica": self.replica_id}
-            async for token in stream:
-                yield token
+            if isinstance(sink_id, str) and sink_id:  # the ingress reads tokens from the token channel
+                sink = await self._sink(sink_id)
+                yield {"event": "start", "replica": self.replica_id, "channel": list(self.channel.address)}
+                # The first batch goes on the Serve stream, right behind the start event: the ingress sends it
+                # as its own SSE event the moment it has it, whether or not its channel connection (opened
+                # on its first request to this replica) is up yet, and it cannot merge with later tokens.
+                try:
+                    first = await batches.__anext__()
+                except StopAsyncIteration:
+                    first = None
+                if first is not None:
+                    times.append((rid, time.time()))
+                    yield first
+                    await self._to_channel(sink, rid, stream, batches)
+            else:
+                yield {"event": "start", "replica": self.replica_id}
+                async for batch in paced(batches, outcome, self.stream_interval_s,
+                                         lambda: times.append((rid, time.time()))):
+                    yield batch
         finally:
-            await stream.aclose()  # aborts the request if it is still running (cancelled, client gone)
+            await batches.aclose()  # aborts the request if it is still running (cancelled, client gone)
             self.num_output_tokens += outcome.num_output_tokens
             if outcome.finish_reason == "abort":
                 self.num_aborted += 1
@@ -185,6 +276,36 @@ class LLMReplica:
             "num_output_tokens": outcome.num_output_tokens,
             "num_preemptions": outcome.num_preemptions,
         }
+
+    async def _sink(self, sink_id: str) -> Sink:
+        if self.channel is None:
+            import ray
+
+            self.channel = TokenChannel(self.stream_interval_s)
+            self._channel_host = ray.util.get_node_ip_address()
+        await self.channel.start(self._channel_host)
+        return self.channel.sink(sink_id)
+
+    async def _to_channel(self, sink: Sink, rid: str, stream: Any, batches: AsyncIterator[list[int]]) -> None:
+        """Push the request's tokens after its first batch into its ingress's sink (replicas/channel.py);
+        return once its last tokens were written, so the end event follows them. The simulated engine's
+        stream hands its tokens over from the step loop itself (``deliver_to``: no wake-up of this coroutine
+        per step); others are read batch by batch."""
+
+        def on_tokens(tokens: list[int]) -> None:
+            sink.push(rid, tokens)
+
+        try:
+            if hasattr(stream, "deliver_to"):
+                stream.deliver_to(on_tokens)
+                await stream.ended()
+            else:
+                async for batch in batches:
+                    on_tokens(batch)
+            sink.finish(rid)
+        except BaseException:
+            sink.drop(rid)  # cancelled or failed: the ingress reads nothing more of it
+            raise
 
     # Every method is a coroutine: Serve (RAY_SERVE_RUN_SYNC_IN_THREADPOOL, default on in 2.60) runs plain
     # methods in a thread pool, where reading the engine would race its step loop.
@@ -229,6 +350,11 @@ class LLMReplica:
         out.update(self._counters())
         out.update(process_memory())
         return out
+
+    async def stream_timings(self) -> dict[str, Any]:
+        """``{"replica": id, "first_token": {request id: wall time the first token reached this replica}}`` for
+        the last ``NUM_STREAM_TIMINGS`` requests (``halffull bench stream``)."""
+        return {"replica": self.replica_id, "first_token": dict(self.first_token_times)}
 
     async def max_model_len(self) -> int:
         return self.backend.max_model_len

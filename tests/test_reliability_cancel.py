@@ -86,3 +86,4 @@ def test_cancelled_streams_return_every_block(base_url):
     finished = sum(after[r]["num_finished"] - before[r]["num_finished"] for r in after)
     assert (aborted, finished) == (NUM_STREAMS, 0)
     wait_until(lambda: ingress_load()["num_active"] == 0, 10, message="the ingress to release every request")
+    assert ingress_load()["num_channel_runs"] == 0  # no cancelled run left registered on the token channel

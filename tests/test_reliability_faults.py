@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
+from halffull.deploy.tokenizer import SimTokenizer
 from tests.serve_support import replica_actor, replica_actors, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
@@ -35,6 +36,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 APP = "rel-faults"
 M = "llama3-8b"
 NUM_REQUESTS, CONCURRENCY, KILL_AFTER = 240, 30, 80
+TOK = SimTokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,9 @@ class Outcome:
     replica: str | None = None
     retries: int = 0
     retry_after: str | None = None
-    tokens: int = 0
+    tokens: int = 0  # usage's completion_tokens; a cut stream: the tokens of the text it streamed
+    max_tokens: int = 0
+    text: str = ""
     finish_reason: str | None = None
     done: bool = False
     error: dict | None = None
@@ -81,8 +85,11 @@ class Outcome:
 
 async def one(client: httpx.AsyncClient, i: int, rng: random.Random) -> Outcome:
     out = Outcome(i, stream=i % 2 == 0, sent_at=time.monotonic())
-    body = {"model": M, "prompt": f"request {i} " + "x" * rng.randrange(10, 400), "max_tokens": rng.randrange(20, 41),
+    out.max_tokens = rng.randrange(20, 41)
+    body = {"model": M, "prompt": f"request {i} " + "x" * rng.randrange(10, 400), "max_tokens": out.max_tokens,
             "ignore_eos": True, "stream": out.stream}
+    if out.stream:
+        body["stream_options"] = {"include_usage": True}
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
             out.status = response.status_code
@@ -94,6 +101,7 @@ async def one(client: httpx.AsyncClient, i: int, rng: random.Random) -> Outcome:
                 out.error = payload.get("error")
                 if out.error is None:
                     out.tokens = payload["usage"]["completion_tokens"]
+                    out.text = payload["choices"][0]["text"]
                     out.finish_reason = payload["choices"][0]["finish_reason"]
                 return out
             async for line in response.aiter_lines():
@@ -105,10 +113,14 @@ async def one(client: httpx.AsyncClient, i: int, rng: random.Random) -> Outcome:
                 data = json.loads(line.removeprefix("data: "))
                 if "error" in data:
                     out.error = data["error"]
+                elif data.get("usage"):
+                    out.tokens = data["usage"]["completion_tokens"]
                 elif data["choices"][0]["finish_reason"]:
                     out.finish_reason = data["choices"][0]["finish_reason"]
                 elif data["choices"][0]["text"]:
-                    out.tokens += 1
+                    out.text += data["choices"][0]["text"]  # one event per batch: one or more tokens
+            if out.error is not None:
+                out.tokens = len(TOK.encode(out.text))
     except Exception as exc:  # a hang (timeout), a dropped connection, a malformed answer
         out.failure = f"{type(exc).__name__}: {exc}"
     return out
@@ -155,6 +167,9 @@ def test_killing_a_replica_under_load_loses_nothing(base_url):
           f"{len(kinds.get('lost', []))}")
 
     assert not kinds.get("lost"), [(o.i, o.status, o.failure, o.error) for o in kinds["lost"]][:5]
+    # No token lost or doubled, however the events batched them and whether or not the request was re-sent.
+    for o in kinds["complete"]:
+        assert o.tokens == o.max_tokens == len(TOK.encode(o.text)), (o.i, o.tokens, o.max_tokens, o.retries)
     assert len(kinds["complete"]) + len(cut) + len(failed) == NUM_REQUESTS
     assert all(o.replica == victim for o in failed)  # only requests that were generating there
     # A cut stream had started on the victim and had sent tokens; its error event is the replica failure.
@@ -188,3 +203,7 @@ def test_killing_a_replica_under_load_loses_nothing(base_url):
     # Serve replaces the killed replica.
     wait_until(lambda: (n := replica_names()) and len(n) == 3 and victim not in n, 90, interval=1.0,
                message="Serve to replace the killed replica")
+    # Every run, completed, cut or re-sent, let go of the token channel.
+    from ray import serve
+
+    assert serve.get_app_handle(APP).load.remote().result(timeout_s=10)["num_channel_runs"] == 0

@@ -161,7 +161,7 @@ def make_run(*attempts, max_retries=2, timeout=None):
     ids=["actor-died", "actor-unavailable", "engine-dead", "bad-request", "backpressure"],
 )
 def test_start_resends_only_on_replica_failure(first, expect_retry):
-    attempts = [FakeStream([first]), FakeStream([{"event": "start", "replica": "B"}, 7, END])]
+    attempts = [FakeStream([first]), FakeStream([{"event": "start", "replica": "B"}, [7], END])]
     build, sent, retries = make_run(*attempts)
 
     async def main():
@@ -179,12 +179,12 @@ def test_start_resends_only_on_replica_failure(first, expect_retry):
 
 def test_a_non_streaming_request_is_resent_before_its_first_token_only():
     async def main():
-        build, _, _ = make_run(FakeStream([START, DIED()]), FakeStream([{"event": "start", "replica": "B"}, 5, 6, END]))
+        build, _, _ = make_run(FakeStream([START, DIED()]), FakeStream([{"event": "start", "replica": "B"}, [5, 6], END]))
         r = await build()
         await r.start()
         assert await r.collect() == [5, 6] and r.attempt == 1 and r.replica == "B" and r.end == END
 
-        attempts = [FakeStream([START, 1, 2, DIED()]), FakeStream([START, 5, END])]
+        attempts = [FakeStream([START, [1, 2], DIED()]), FakeStream([START, [5], END])]
         build, sent, _ = make_run(*attempts)
         r = await build()
         await r.start()
@@ -197,19 +197,20 @@ def test_a_non_streaming_request_is_resent_before_its_first_token_only():
 
 def test_a_stream_is_resent_before_its_first_token_only():
     async def main():
-        build, _, _ = make_run(FakeStream([START, DIED()]), FakeStream([START, 9, END]))
+        build, _, _ = make_run(FakeStream([START, DIED()]), FakeStream([START, [9, 10], [11], END]))
         r = await build()
         await r.start()
-        assert [t async for t in r.tokens()] == [9]
+        assert [b async for b in r.batches()] == [[9, 10], [11]] and r.num_tokens == 3 and r.attempt == 1
 
-        build, _, _ = make_run(FakeStream([START, 1, DIED()]), FakeStream([START, 9, END]))
+        build, _, _ = make_run(FakeStream([START, [1, 2], DIED()]), FakeStream([START, [9], END]))
         r = await build()
         await r.start()
         got = []
         with pytest.raises(DIED):
-            async for t in r.tokens():
-                got.append(t)
-        assert got == [1] and r.attempt == 0  # the client saw a token: the stream is cut, not re-sent
+            async for b in r.batches():
+                got.append(b)
+        # the client saw tokens: the stream is cut, not re-sent; nothing lost, nothing counted twice
+        assert got == [[1, 2]] and r.attempt == 0 and r.num_tokens == 2
 
     run(main())
 
@@ -227,7 +228,7 @@ def test_resends_are_bounded():
 
 
 def test_the_deadline_ends_every_wait():
-    build, _, _ = make_run(FakeStream([START, 1, 2, 3], delay=0.2), timeout=0.3)
+    build, _, _ = make_run(FakeStream([START, [1], [2], [3]], delay=0.2), timeout=0.3)
 
     async def main():
         r = await build()

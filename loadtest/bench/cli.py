@@ -6,6 +6,10 @@
   bench router  microseconds per policy.choose() call at 4/16/64/256 replicas (target < 50 us at 64)
   bench serve   requests/s through the full HTTP path with instant simulated replicas, halffull's router vs
                 Ray's default, same run (target ratio >= 0.95); starts a local loopback-only Ray cluster
+  bench stream  tokens/s and server CPU per output token per process (ingress, proxy, replica, controller),
+                N concurrent streams x T tokens, streamed and not, real-cadence and instant replicas,
+                halffull's router and Ray's default in the same run (targets: <= 0.1 ms per streamed token,
+                <= 0.05 non-streamed, TTFT-out median < 1 ms at 32 streams); loopback-only Ray cluster
 
 A benchmark is a module with ``cmd_bench(args) -> exit status`` and, if it takes flags, ``add_arguments(parser)``
 (they go on the one ``bench`` parser, so every benchmark accepts every flag); adding one is one line in
@@ -17,12 +21,13 @@ from __future__ import annotations
 import argparse
 from types import ModuleType
 
-from halffull.loadtest.bench import router, serve, sim
+from halffull.loadtest.bench import router, serve, sim, stream
 
 BENCHES: dict[str, ModuleType] = {
     "sim": sim,
     "router": router,
     "serve": serve,
+    "stream": stream,
 }
 
 

@@ -438,9 +438,10 @@ async def _probe_async(url: str, model: str, speedup: float) -> list[tuple[float
     async with httpx.AsyncClient(base_url=url, timeout=60, headers=_auth_headers()) as client:
         for i in range(PROBE_REQUESTS):
             body = {"model": model, "prompt": synth.text(f"probe-{i}", PROBE_PROMPT_TOKENS),
-                    "max_tokens": PROBE_OUTPUT_TOKENS, "ignore_eos": True, "stream": True}
+                    "max_tokens": PROBE_OUTPUT_TOKENS, "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}
             first = last = None
-            chunks = 0
+            tokens = 0  # from usage: an event may carry several tokens
             start = time.perf_counter()
             async with client.stream("POST", "/v1/completions", json=body) as response:
                 response.raise_for_status()
@@ -448,13 +449,14 @@ async def _probe_async(url: str, model: str, speedup: float) -> list[tuple[float
                     if not line.startswith("data:") or line.strip() == "data: [DONE]":
                         continue
                     event = json.loads(line[5:])
-                    if (event.get("choices") or [{}])[0].get("text"):
+                    if event.get("usage"):
+                        tokens = event["usage"]["completion_tokens"]
+                    elif (event.get("choices") or [{}])[0].get("text"):
                         last = time.perf_counter()
                         first = first or last
-                        chunks += 1
-            if first is None or chunks < 2:
+            if first is None or tokens < 2:
                 raise RuntimeError(f"probe request {i}: no stream")
-            out.append(((first - start) * speedup, (last - first) / (chunks - 1) * speedup))
+            out.append(((first - start) * speedup, (last - first) / (tokens - 1) * speedup))
             await asyncio.sleep(0.2)
     return out
 

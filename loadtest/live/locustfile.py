@@ -18,7 +18,8 @@ What it does
     sign the load generator, not the server, is the bottleneck).
   * Each request: ``POST /v1/completions`` with ``stream: true`` and ``stream_options.include_usage``; TTFT at
     the first chunk with text, E2E at the last chunk with text, TPOT = (E2E - TTFT) / (output tokens - 1)
-    (DESIGN.md §7); the output and cached-prompt token counts from the final usage chunk.
+    (DESIGN.md §7); the output and cached-prompt token counts from the final usage chunk (a chunk may carry
+    several tokens: tokens are counted from usage, never from chunks; loadtest/live/sse.py).
   * ``--speedup S`` must equal the app's ``speedup``: arrivals are compressed S times and measured latencies
     are multiplied by S, so every reported latency is in *model time*, comparable with ``halffull simulate``.
   * Bounded: the slice (``--limit`` defaults to 500 when neither it nor ``--duration`` is given), then at most
@@ -64,6 +65,7 @@ from locust.runners import LocalRunner
 from locust.stats import CSV_STATS_INTERVAL_SEC
 
 from halffull.loadtest.live.prompts import PromptSynthesizer
+from halffull.loadtest.live.sse import StreamError, read_completion_stream
 from halffull.loadtest.sim.metrics import RequestRecord, Slo, percentile, summarize
 from halffull.loadtest.sim.traces import load_trace
 
@@ -227,10 +229,6 @@ class _Item:
     body: bytes
 
 
-class StreamError(Exception):
-    pass
-
-
 class Replay:
     """Schedule, dispatcher, per-request streaming, results. One per test start."""
 
@@ -340,7 +338,6 @@ class Replay:
         self._fire("LAG", "dispatch (wall ms)", max(lag_ms, 0.0), 0)
         record = RequestRecord(item.request_id, self.model_time(sent), None, None, item.num_prompt_tokens, 0)
         self.records[item.request_id] = record
-        first = last = None
         try:
             response = self.client.request("POST", self.prefix + "/v1/completions", body=item.body)
             self.accepted[item.request_id] = self.model_time(time.perf_counter())
@@ -351,14 +348,13 @@ class Replay:
                     raise StreamError(f"HTTP {response.status_code}: {response.read()[:300].decode(errors='replace')}")
                 replica = response.get("x-halffull-replica") or ""
                 record.replica = replica
-                usage, num_chunks, first, last = self._read_stream(response)
+                stream = read_completion_stream(lambda: response.readline(b"\n"))
             finally:
                 response.release()
-            if first is None:
-                raise StreamError("stream ended without any text")
-            output = int((usage or {}).get("completion_tokens") or num_chunks)
-            prompt = int((usage or {}).get("prompt_tokens") or item.num_prompt_tokens)
-            cached = int(((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+            usage, first, last = stream.usage, stream.first, stream.last
+            output = stream.num_output_tokens  # tokens, not events: an event may carry several
+            prompt = int(usage.get("prompt_tokens") or item.num_prompt_tokens)
+            cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
             if prompt != item.num_prompt_tokens:
                 self.mismatches["prompt_tokens"] += 1
             if output != item.num_output_tokens:
@@ -386,34 +382,6 @@ class Replay:
         self._fire("E2E", name, record.e2e * 1e3, record.num_output_tokens)
         if record.tpot is not None:
             self._fire("TPOT", name, record.tpot * 1e3, record.num_output_tokens)
-
-    @staticmethod
-    def _read_stream(response) -> tuple[dict | None, int, float | None, float | None]:
-        """(usage, text chunks, wall time of the first / last chunk with text) of an SSE completion stream."""
-        usage = None
-        chunks = 0
-        first = last = None
-        while True:
-            line = response.readline(b"\n")
-            if not line:
-                raise StreamError("stream closed before data: [DONE]")
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                return usage, chunks, first, last
-            event = json.loads(data)
-            if "error" in event:
-                raise StreamError(f"error event: {json.dumps(event['error'])[:300]}")
-            if event.get("usage"):
-                usage = event["usage"]
-            choices = event.get("choices") or ()
-            if choices and choices[0].get("text"):
-                now = time.perf_counter()
-                if first is None:
-                    first = now
-                last = now
-                chunks += 1
 
     def _fire(self, request_type: str, name: str, ms: float, length: int, exc: BaseException | None = None) -> None:
         self.environment.events.request.fire(request_type=request_type, name=name, response_time=ms,

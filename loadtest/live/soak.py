@@ -116,6 +116,8 @@ async def one(client, model: str, index: int, sent_at: float, prompt_tokens: int
     rng = random.Random(index)
     body = {"model": model, "prompt": [TOKEN_BASE + rng.randrange(TOKEN_SPAN) for _ in range(prompt_tokens)],
             "max_tokens": output_tokens, "ignore_eos": True, "stream": stream}
+    if stream:  # an event may carry several tokens: count them from the usage chunk
+        body["stream_options"] = {"include_usage": True}
     start = time.perf_counter()
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
@@ -144,12 +146,12 @@ async def one(client, model: str, index: int, sent_at: float, prompt_tokens: int
                 data = json.loads(line.removeprefix("data: "))
                 if "error" in data:
                     error = data["error"]
+                elif data.get("usage"):
+                    result.tokens = data["usage"]["completion_tokens"]
                 elif data["choices"][0]["finish_reason"]:
                     finish = data["choices"][0]["finish_reason"]
-                elif data["choices"][0]["text"]:
-                    if result.ttft is None:
-                        result.ttft = time.perf_counter() - start
-                    result.tokens += 1
+                elif data["choices"][0]["text"] and result.ttft is None:
+                    result.ttft = time.perf_counter() - start
             result.e2e = time.perf_counter() - start
             if done and error is not None:
                 result.kind, result.detail = "error", f"stream error {error.get('code')}"

@@ -21,7 +21,10 @@ a longer stall (a starved host) is not: the timeline restarts from now, as a rea
 Requests (``GenerateRequest``) enter through ``submit(request)``, which validates the request, applies the
 waiting-queue limit and adds it to the scheduler at once (synchronously: nothing is queued anywhere else), and
 returns a ``TokenStream`` of token ids. ``generate(request)`` is the same as an async generator; its request
-enters the scheduler on the first ``__anext__``. Closing a stream (``aclose``, garbage collection, or
+enters the scheduler on the first ``__anext__``. Delivery is batched: each step appends the request's new token
+to its stream's buffer and wakes its consumer at most once; ``TokenStream.next_batch()`` takes the whole buffer,
+so a consumer gets one list per step while it keeps up and several steps' tokens in one list when it lags
+(the replica sends each list as one stream item, replicas/deployment.py). Closing a stream (``aclose``, garbage collection, or
 cancellation of the consumer) before it finished aborts the request, so its KV blocks return to the pool.
 
 Overload: with ``max_waiting_requests`` set, ``submit`` raises ``EngineOverloadedError`` while that many
@@ -238,14 +241,54 @@ def _eos_length(crc: int, lo: int, hi: int) -> int:
 
 
 class _Stream:
-    """One request's token queue between the step loop and its consumer."""
+    """One request's output between the step loop and its consumer: the tokens sampled since the consumer last
+    took them, and how the stream ended (``_END`` or an exception; None while it runs).
 
-    __slots__ = ("queue", "rng", "finished")
+    The step loop appends (``push``) and wakes the one waiting consumer; the consumer takes everything at once
+    (``take``), so a consumer that lags gets one batch per wake-up, never one item per token.
+    """
+
+    __slots__ = ("tokens", "end", "waiter", "rng", "finished", "listener")
 
     def __init__(self, seed: int):
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tokens: list[int] = []
+        self.end: Any = None
+        self.waiter: asyncio.Future | None = None
         self.rng = random.Random(seed)
         self.finished = False
+        self.listener: Callable[[list[int]], None] | None = None  # TokenStream.deliver_to
+
+    def push(self, token: int) -> None:
+        if self.listener is not None:
+            self.listener([token])
+            return
+        self.tokens.append(token)
+        self._wake()
+
+    def finish(self, end: Any = None) -> None:
+        """End the stream (``_END``, or an exception the consumer raises) after the tokens already pushed."""
+        self.finished = True
+        self.end = _END if end is None else end
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Until a token or the end is there (returns at once if one is)."""
+        if self.tokens or self.end is not None:
+            return
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    def take(self) -> list[int]:
+        tokens, self.tokens = self.tokens, []
+        return tokens
 
 
 _END = object()
@@ -260,15 +303,18 @@ class EngineOverloadedError(RuntimeError):
 
 
 class TokenStream:
-    """One submitted request's output token ids (``async for``); ``close()`` / ``aclose()`` aborts it if it
-    has not finished. Unlike an async generator it owns its request from the moment it exists, so a stream
-    that is never iterated still releases its KV blocks when closed or garbage-collected."""
+    """One submitted request's output token ids: ``async for`` gives them one at a time, ``next_batch()`` /
+    ``batches()`` every token sampled since the previous call (at least one; one list per engine step while
+    the consumer keeps up, more steps' tokens in one list when it lags). ``close()`` / ``aclose()`` aborts the
+    request if it has not finished. Unlike an async generator it owns its request from the moment it exists,
+    so a stream that is never iterated still releases its KV blocks when closed or garbage-collected."""
 
-    __slots__ = ("_engine", "_request", "_stream", "outcome", "_closed")
+    __slots__ = ("_engine", "_request", "_stream", "outcome", "_closed", "_pending")
 
     def __init__(self, engine: "AsyncSimEngine", request: Request, stream: _Stream, outcome: RequestOutcome):
         self._engine, self._request, self._stream, self.outcome = engine, request, stream, outcome
         self._closed = False
+        self._pending: list[int] = []  # taken from the engine, not yet returned by __anext__ (reversed)
 
     @property
     def request_id(self) -> str:
@@ -278,24 +324,71 @@ class TokenStream:
         return self
 
     async def __anext__(self) -> int:
+        if not self._pending:
+            self._pending = (await self._take())[::-1]
+        self.outcome.num_output_tokens += 1
+        return self._pending.pop()
+
+    async def next_batch(self) -> list[int]:
+        """Every output token id sampled since the previous call (waits for at least one);
+        StopAsyncIteration at the end."""
+        batch = self._pending[::-1] if self._pending else await self._take()
+        self._pending = []
+        self.outcome.num_output_tokens += len(batch)
+        return batch
+
+    def deliver_to(self, callback: Callable[[list[int]], None]) -> None:
+        """Hand every token from now on to ``callback(tokens)``, called by the step loop as each step ends
+        (no consumer wake-up per step; the tokens already sampled go at once); then ``await ended()``.
+        ``callback`` must not block or raise."""
+        outcome, stream = self.outcome, self._stream
+
+        def listener(tokens: list[int]) -> None:
+            outcome.num_output_tokens += len(tokens)
+            callback(tokens)
+
+        stream.listener = listener
+        if self._pending or stream.tokens:
+            tokens, self._pending = self._pending[::-1] + stream.take(), []
+            listener(tokens)
+
+    async def ended(self) -> None:
+        """Until the request ended (``deliver_to``): returns when it finished, raises the engine's error;
+        cancelling the wait aborts it."""
+        try:
+            await self._take()
+        except StopAsyncIteration:
+            return
+        raise RuntimeError("ended() needs deliver_to() first: tokens were buffered")
+
+    def batches(self) -> "_Batches":
+        """``async for batch in stream.batches()``: ``next_batch()`` until the end."""
+        return _Batches(self)
+
+    async def _take(self) -> list[int]:
         if self._closed:
             raise StopAsyncIteration
+        stream = self._stream
         try:
-            item = await self._stream.queue.get()
+            await stream.wait()
         except BaseException:  # cancelled while waiting: the consumer is gone
             self.close()
             raise
-        if item is _END:
-            request = self._request
-            if request.status == RequestStatus.FINISHED:
-                self.outcome.finish_reason = "length" if request.num_output_tokens >= request.max_tokens else "stop"
-            self.close()
+        end = stream.end
+        if end is _END:
+            # Known as soon as the last tokens are taken: a consumer pacing its sends need not wait for more.
+            self._set_finish_reason()
+        if stream.tokens:
+            return stream.take()
+        self.close()
+        if end is _END:
             raise StopAsyncIteration
-        if isinstance(item, BaseException):
-            self.close()
-            raise item
-        self.outcome.num_output_tokens += 1
-        return item
+        raise end
+
+    def _set_finish_reason(self) -> None:
+        request = self._request
+        if request.status == RequestStatus.FINISHED and self.outcome.finish_reason is None:
+            self.outcome.finish_reason = "length" if request.num_output_tokens >= request.max_tokens else "stop"
 
     def close(self) -> None:
         """Abort the request if it is still running; fill in the outcome. Idempotent."""
@@ -320,6 +413,24 @@ class TokenStream:
                 self.close()
             except Exception:  # interpreter shutdown
                 pass
+
+
+class _Batches:
+    """The async iterator of ``TokenStream.batches()``."""
+
+    __slots__ = ("_tokens",)
+
+    def __init__(self, tokens: TokenStream):
+        self._tokens = tokens
+
+    def __aiter__(self) -> "_Batches":
+        return self
+
+    def __anext__(self):
+        return self._tokens.next_batch()
+
+    async def aclose(self) -> None:
+        self._tokens.close()
 
 
 MAX_CATCHUP_S = 0.010  # wall seconds of lateness the step loop makes up (see the module docstring)
@@ -458,13 +569,22 @@ class AsyncSimEngine:
         finally:
             tokens.close()
 
+    async def generate_batches(self, request: GenerateRequest,
+                               outcome: RequestOutcome | None = None) -> AsyncIterator[list[int]]:
+        """``generate`` in lists: every token sampled since the previous list (``TokenStream.next_batch``)."""
+        tokens = self.submit(request, outcome)
+        try:
+            async for batch in tokens.batches():
+                yield batch
+        finally:
+            tokens.close()
+
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is (its blocks return to the pool); False if it is not running."""
         request = self.scheduler.abort(request_id)
         stream = self._streams.get(request_id)
         if stream is not None and not stream.finished:
-            stream.finished = True
-            stream.queue.put_nowait(_END)
+            stream.finish()
         if request is None:
             return False
         self.num_aborted += 1
@@ -526,8 +646,7 @@ class AsyncSimEngine:
             self._error = exc
             for stream in self._streams.values():
                 if not stream.finished:
-                    stream.finished = True
-                    stream.queue.put_nowait(EngineDeadError(f"engine step loop failed: {exc!r}"))
+                    stream.finish(EngineDeadError(f"engine step loop failed: {exc!r}"))
 
     async def _loop(self) -> None:
         sched, work = self.scheduler, self._work
@@ -564,11 +683,10 @@ class AsyncSimEngine:
             if request.num_output_tokens > num_before:
                 stream = streams.get(request.request_id)
                 if stream is not None and not stream.finished:
-                    stream.queue.put_nowait(vocab[stream.rng.randrange(n_vocab)])
+                    stream.push(vocab[stream.rng.randrange(n_vocab)])
         for request in finished:
             self.estimator.observe(request.num_output_tokens)
             self.num_finished += 1
             stream = streams.get(request.request_id)
             if stream is not None and not stream.finished:
-                stream.finished = True
-                stream.queue.put_nowait(_END)
+                stream.finish()

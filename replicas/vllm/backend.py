@@ -20,7 +20,8 @@ Requests: the ingress tokenizes, so the engine gets token ids (``TokensPrompt``)
 (``output_kind=DELTA``; ``detokenize`` only with stop strings, which vLLM matches on its own text); the
 client's fields (``GenerateRequest.sampling``: temperature, top_p, seed, penalties, stop, logit_bias, and
 ``response_format`` as ``structured_outputs``; ``min_tokens``) go into ``SamplingParams`` (``sampling_kwargs``),
-vLLM's defaults otherwise. ``generate`` yields each new token id; the ``RequestOutcome`` gets the prompt length, the prefix-cache
+vLLM's defaults otherwise. ``generate_batches`` yields each delta's new token ids as one list (``generate``: one
+id at a time); the ``RequestOutcome`` gets the prompt length, the prefix-cache
 hit (``RequestOutput.num_cached_tokens``), output tokens, the request's preemptions (``RequestOutput.metrics``,
 present unless ``disable_log_stats``) and the finish reason (vLLM's ``stop`` / ``length`` / ``abort``; anything
 else reads as ``abort``). Closing the iterator early (or cancelling its consumer) aborts the request in vLLM
@@ -161,7 +162,20 @@ class VllmBackend:
             raise ValueError(f"duplicate request id {request.request_id!r}")
 
     async def generate(self, request: GenerateRequest, outcome: RequestOutcome | None = None) -> AsyncIterator[int]:
-        """Output token ids as vLLM produces them; closing this iterator early aborts the request."""
+        """Output token ids one at a time (``generate_batches``, flattened)."""
+        batches = self.generate_batches(request, outcome)
+        try:
+            async for batch in batches:
+                for token in batch:
+                    yield token
+        finally:
+            await batches.aclose()
+
+    async def generate_batches(self, request: GenerateRequest,
+                               outcome: RequestOutcome | None = None) -> AsyncIterator[list[int]]:
+        """Output token ids as vLLM produces them, one list per ``RequestOutput`` delta: one engine step's
+        tokens while the consumer keeps up; AsyncLLM's output collector merges the deltas of the steps it
+        missed when it lags. Closing this iterator early aborts the request."""
         from vllm.exceptions import GracefulHTTPError, VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
 
@@ -185,12 +199,13 @@ class VllmBackend:
                 completion = out.outputs[0] if out.outputs else None
                 if completion is None:
                     continue
-                for token in completion.token_ids:
-                    outcome.num_output_tokens += 1
-                    entry[1] += 1
-                    yield token
                 if out.finished:
                     outcome.finish_reason = FINISH_REASONS.get(completion.finish_reason, "abort")
+                batch = list(completion.token_ids)
+                if batch:
+                    outcome.num_output_tokens += len(batch)
+                    entry[1] += len(batch)
+                    yield batch
         except VllmEngineDead as exc:
             raise EngineDeadError(f"vLLM engine died: {exc!r}") from exc
         except GracefulHTTPError as exc:  # vLLM's admission control (queue full)
