@@ -355,3 +355,59 @@ def test_h200_is_h100_compute_with_more_bandwidth():
     assert h200.breakdown(1, 129, 129)["linear"] < h100.breakdown(1, 129, 129)["linear"]
     big = 16384  # compute-bound GEMMs: same chip, same efficiency
     assert h200.breakdown(big, 0, 0, 0)["linear"] == pytest.approx(h100.breakdown(big, 0, 0, 0)["linear"])
+
+
+# --- step-time memo (operators.py): a hit is the very float the uncached formula gives ----------------
+
+
+def uncached_step_time(lm: OperatorLatencyModel, n: int, pairs: int, kv: int, seqs: int | None = None) -> float:
+    """step_time as written before its memo: the same operations in the same order, nothing looked up."""
+    if n <= 0:
+        return 0.0
+    t = lm._tokens_part(n) + lm._seqs_part(n if seqs is None else seqs) + lm._s_kv_read * kv
+    extra = pairs - kv
+    if extra > 0:
+        sh = lm.shapes
+        t += sh.layers * sh.attn_flops_per_pair * extra / lm.gpu.peak_flops * lm.calibration.u_attn_prefill(extra)
+    return t
+
+
+MEMO_STEPS = STEPS + [
+    # (num_tokens, attn_pairs, kv_read, num_seqs)
+    (0, 0, 0, None),  # empty step
+    (7, 7 * 301, 7 * 301, None),  # decode, seqs defaulted
+    (7, 7 * 301, 7 * 301, 7),  # the same decode, seqs given: one memo entry
+    (300, 300 * 301 // 2 + 100 * 300, 400, 0),  # chunk after 100 cached tokens, nothing sampled
+    (8192, 8192 * 8193 // 2, 8192, 1),  # the largest default batch
+    (3, 3 * 2.5, 3 * 2.5, None),  # float terms (decode_cost_ratio's mean context)
+]
+
+
+@pytest.mark.parametrize("step", MEMO_STEPS, ids=[str(s) for s in MEMO_STEPS])
+@pytest.mark.parametrize("profile", [("h100", "llama3-8b"), ("a100", "llama3-8b"), ("h100", "llama3-70b")],
+                         ids=["h100-8b", "a100-8b", "h100-70b"])
+def test_memoised_step_time_is_exactly_the_uncached_value(step, profile):
+    lm, fresh = latency_model(*profile), latency_model(*profile)
+    expected = uncached_step_time(fresh, *step)
+    assert [lm.step_time(*step), lm.step_time(*step)] == [expected, expected]  # a miss, then a hit
+
+
+@pytest.mark.parametrize("batch, context", [(1, 128), (7, 7 * 300), (256, 256 * 2048)])
+def test_memoised_decode_run_starts_at_the_uncached_step_time(batch, context):
+    lm = h100_8b()
+    for _ in range(2):  # a miss, then a hit
+        run = lm.decode_run_times(batch, context, 10)
+        kv = context + batch
+        assert run.a1 == uncached_step_time(h100_8b(), batch, kv, kv)
+        assert run.b1 == lm._s_kv_read * batch
+
+
+def test_step_time_memo_is_bounded(monkeypatch):
+    from halffull.replicas.sim import operators
+
+    monkeypatch.setattr(operators, "MEMO_LIMIT", 4)
+    lm, fresh = h100_8b(), h100_8b()
+    for p in range(10, 30):
+        step = (p + 3, p * (p + 1) // 2 + 3 * 500, p + 3 * 500, 4)  # a prefill chunk and three decodes
+        assert lm.step_time(*step) == uncached_step_time(fresh, *step)
+    assert len(lm._by_shape) <= 4 and len(lm._by_extra_pairs) <= 4

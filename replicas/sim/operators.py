@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from halffull.replicas.sim.latency import DecodeRunTimes, GpuSpec, LatencyModel, ModelSpec, load_profiles
 
 GROUPS = ("linear", "elementwise", "attention", "kv_write", "allreduce", "lm_head", "overhead")
+MEMO_LIMIT = 1 << 16  # entries per step-time memo keyed by more than a batch size (bounds long runs' memory)
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,13 @@ class OperatorLatencyModel(LatencyModel):
         self._s_kv_read = shapes.layers * shapes.kv_bytes / (gpu.hbm_bw * cal.attn_decode_eff)
         self._by_tokens: dict[int, float] = {}
         self._by_seqs: dict[int, float] = {}
+        # step_time's hot path, memoised on its exact arguments (pure functions of them, so a hit returns the
+        # very float a miss computes): the n and seqs terms together, by n for a decode step (seqs = n) and
+        # by (n, seqs) otherwise, and the prefill attention term by X. A run of the Azure conversation trace
+        # asks ~48k step times of ~5.5k shapes and ~2.4k X values.
+        self._by_decode: dict[int, float] = {}
+        self._by_shape: dict[tuple[int, int], float] = {}
+        self._by_extra_pairs: dict[int, float] = {}
         super().__init__(gpu, model, tp, **engine)
 
     # --- operators (seconds) ---------------------------------------------------------------------------
@@ -234,24 +242,63 @@ class OperatorLatencyModel(LatencyModel):
             t = self._by_seqs[seqs] = self._gemm(self.shapes.head_params, seqs) if seqs > 0 else 0.0
         return t
 
+    def _fixed_part(self, num_tokens: int, num_seqs: int) -> float:
+        """_tokens_part(n) + _seqs_part(seqs): the step minus its KV-read and prefill-attention terms."""
+        key = (num_tokens, num_seqs)
+        t = self._by_shape.get(key)
+        if t is None:
+            t = self._tokens_part(num_tokens) + self._seqs_part(num_seqs)
+            if len(self._by_shape) < MEMO_LIMIT:
+                self._by_shape[key] = t
+        return t
+
+    def _decode_part(self, batch: int) -> float:
+        """_fixed_part(batch, batch): every scheduled token is sampled."""
+        t = self._by_decode.get(batch)
+        if t is None:
+            t = self._by_decode[batch] = self._tokens_part(batch) + self._seqs_part(batch)
+        return t
+
+    def _prefill_attention(self, extra_pairs: int) -> float:
+        """The attention FLOPs of X = extra_pairs pairs beyond one per KV token read, all layers."""
+        t = self._by_extra_pairs.get(extra_pairs)
+        if t is None:
+            sh = self.shapes
+            t = (sh.layers * sh.attn_flops_per_pair * extra_pairs / self.gpu.peak_flops
+                 * self.calibration.u_attn_prefill(extra_pairs))
+            if len(self._by_extra_pairs) < MEMO_LIMIT:
+                self._by_extra_pairs[extra_pairs] = t
+        return t
+
     def step_time(self, num_tokens: int, attn_pairs: int, kv_tokens_read: int, num_seqs: int | None = None) -> float:
         """Sum of the operator times (module docstring); 0 if no tokens. num_seqs defaults to num_tokens
         (a pure decode step: every scheduled token is sampled)."""
         if num_tokens <= 0:
             return 0.0
-        t = (self._tokens_part(num_tokens) + self._seqs_part(num_tokens if num_seqs is None else num_seqs)
-             + self._s_kv_read * kv_tokens_read)
+        # (the memo lookups of _decode_part and _fixed_part inlined: this runs for every step not in a run)
+        if num_seqs is None or num_seqs == num_tokens:
+            fixed = self._by_decode.get(num_tokens)
+            if fixed is None:
+                fixed = self._decode_part(num_tokens)
+        else:
+            fixed = self._by_shape.get((num_tokens, num_seqs))
+            if fixed is None:
+                fixed = self._fixed_part(num_tokens, num_seqs)
+        t = fixed + self._s_kv_read * kv_tokens_read
         extra_pairs = attn_pairs - kv_tokens_read
         if extra_pairs > 0:  # a prefill chunk is in the step (a decode token attends to exactly its KV)
-            sh = self.shapes
-            t += (sh.layers * sh.attn_flops_per_pair * extra_pairs / self.gpu.peak_flops
-                  * self.calibration.u_attn_prefill(extra_pairs))
+            prefill = self._by_extra_pairs.get(extra_pairs)
+            t += self._prefill_attention(extra_pairs) if prefill is None else prefill
         return t
 
     def decode_run_times(self, batch: int, context: int, num_steps: int) -> DecodeRunTimes:
         """Step i costs a + b*i: a = step_time(B, C+B, C+B), b = (seconds per KV token read) * B."""
-        a = self._tokens_part(batch) + self._seqs_part(batch) + self._s_kv_read * (context + batch)
-        b = self._s_kv_read * batch
+        fixed = self._by_decode.get(batch)
+        if fixed is None:
+            fixed = self._decode_part(batch)
+        s_kv = self._s_kv_read
+        a = fixed + s_kv * (context + batch)
+        b = s_kv * batch
         return DecodeRunTimes(num_steps, num_steps, a, b, a, b)
 
     def describe(self) -> str:
