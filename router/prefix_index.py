@@ -20,6 +20,11 @@ recency is refreshed by ``insert`` from ``on_routed``.
 
 Cost: ``match`` is O(len(hashes)) dict look-ups plus C-level set operations; the Python-level work per
 replica is one dict insertion, so it stays cheap with many replicas holding a shared prefix.
+
+Memory: a hash held by one replica (most of them: distinct prompts) maps to that replica's id itself, not to
+a one-element set; only hashes held by several replicas get a set. A small set costs ~216 bytes, about half
+of a pair's footprint, so the full index (65,536 pairs) takes ~20 MB instead of ~40 MB: the bound is reached
+in a long-running ingress (a soak of distinct ~1.6k-token prompts adds ~25 pairs per request).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ class PrefixIndex:
         if max_entries < 1:
             raise ValueError(f"max_entries must be >= 1, got {max_entries}")
         self.max_entries = max_entries
-        self._holders: dict[int, set[str]] = {}  # hash -> replicas holding it
+        self._holders: dict[int, str | set[str]] = {}  # hash -> the replica holding it, or a set of >= 2
         self._by_replica: dict[str, set[int]] = {}  # replica -> hashes it holds (for remove_replica)
         self._lru: OrderedDict[tuple[int, str], None] = OrderedDict()  # (hash, replica), oldest first
 
@@ -62,6 +67,11 @@ class PrefixIndex:
             owners = holders.get(prefix_hashes[depth - 1])
             if owners is None:
                 continue
+            if owners.__class__ is str:  # one holder (see "Memory")
+                if owners not in seen:
+                    matched[owners] = depth
+                    seen.add(owners)
+                continue
             new = owners - seen
             if new:
                 matched.update(dict.fromkeys(new, depth))
@@ -80,7 +90,13 @@ class PrefixIndex:
                 lru.move_to_end(key)
                 continue
             lru[key] = None
-            holders.setdefault(h, set()).add(replica_id)
+            owners = holders.get(h)
+            if owners is None:
+                holders[h] = replica_id
+            elif owners.__class__ is str:  # a second holder (not replica_id: the pair was new)
+                holders[h] = {owners, replica_id}
+            else:
+                owners.add(replica_id)
             mine.add(h)
         while len(lru) > self.max_entries:
             (h, r), _ = lru.popitem(last=False)
@@ -90,10 +106,7 @@ class PrefixIndex:
         """Forget everything sent to ``replica_id`` (it left the candidate set or lost its cache)."""
         for h in self._by_replica.pop(replica_id, ()):
             del self._lru[(h, replica_id)]
-            owners = self._holders[h]
-            owners.discard(replica_id)
-            if not owners:
-                del self._holders[h]
+            self._release(h, replica_id)
 
     def pairs(self) -> list[tuple[int, str]]:
         """(hash, replica) pairs, least recently inserted first."""
@@ -104,11 +117,18 @@ class PrefixIndex:
         self._by_replica.clear()
         self._lru.clear()
 
-    def _drop(self, h: int, replica_id: str) -> None:
+    def _release(self, h: int, replica_id: str) -> None:
+        """``replica_id`` no longer holds ``h`` in ``_holders`` (back to the one-holder form at one left)."""
         owners = self._holders[h]
-        owners.discard(replica_id)
-        if not owners:
+        if owners.__class__ is str:
             del self._holders[h]
+            return
+        owners.discard(replica_id)
+        if len(owners) == 1:
+            self._holders[h] = next(iter(owners))
+
+    def _drop(self, h: int, replica_id: str) -> None:
+        self._release(h, replica_id)
         mine = self._by_replica[replica_id]
         mine.discard(h)
         if not mine:
@@ -116,9 +136,10 @@ class PrefixIndex:
 
     def check_invariants(self) -> None:
         """Assert the three maps agree (tests only)."""
-        pairs = {(h, r) for h, rs in self._holders.items() for r in rs}
+        pairs = {(h, r) for h, rs in self._holders.items() for r in ((rs,) if isinstance(rs, str) else rs)}
         assert pairs == set(self._lru), "holders and LRU disagree"
         assert pairs == {(h, r) for r, hs in self._by_replica.items() for h in hs}, "by_replica disagrees"
-        assert all(self._holders.values()) and all(self._by_replica.values()), "empty set kept"
+        assert all(isinstance(rs, str) or len(rs) >= 2 for rs in self._holders.values()), "a set of < 2 kept"
+        assert all(self._by_replica.values()), "empty set kept"
         assert len(self._lru) <= self.max_entries
 
