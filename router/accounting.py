@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import operator
 from collections import deque
-from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
@@ -43,12 +42,9 @@ if list(ReplicaSnapshot._fields) != ["replica_id", *_PUBLISHED, *_LOCAL]:
     raise TypeError("RouterAccounting.snapshot builds ReplicaSnapshot positionally: update it with the fields")
 
 
-@dataclass(slots=True)
-class _Routed:
-    request_id: str
-    routed_time: float
-    prompt_tokens: int
-    decode_tokens: float
+# One routed, unfinished request: (request_id, routed_time, prompt_tokens, decode_tokens). A plain tuple, not
+# a dataclass: one is built per routed request, and a tuple is built without a Python-level __init__ call.
+_Routed = tuple[str, float, int, float]
 
 
 def parse_stats(stats: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -129,7 +125,7 @@ class RouterAccounting:
         queue = self._routed.get(replica_id)
         if queue is None:  # (not setdefault: that would build a deque per call)
             queue = self._routed[replica_id] = deque()
-        queue.append(_Routed(request_id, now, prompt_tokens, decode_tokens))
+        queue.append((request_id, now, prompt_tokens, decode_tokens))
         self._where[request_id] = replica_id
         self._last.pop(replica_id, None)
         self.share.on_sent(replica_id, now)
@@ -142,11 +138,11 @@ class RouterAccounting:
         self._last.pop(replica_id, None)
         queue = self._routed.get(replica_id)
         if queue:
-            if queue[0].request_id == request_id:
+            if queue[0][0] == request_id:
                 queue.popleft()
             else:
                 for i, item in enumerate(queue):
-                    if item.request_id == request_id:
+                    if item[0] == request_id:
                         del queue[i]
                         break
         return replica_id
@@ -157,9 +153,9 @@ class RouterAccounting:
         self._parsed.pop(replica_id, None)
         self._last.pop(replica_id, None)
         self.share.forget(replica_id)
-        for item in queue:
-            self._where.pop(item.request_id, None)
-        return [item.request_id for item in queue]
+        for request_id, _, _, _ in queue:
+            self._where.pop(request_id, None)
+        return [request_id for request_id, _, _, _ in queue]
 
     def outstanding(self, replica_id: str) -> int:
         return len(self._routed.get(replica_id, ()))
@@ -201,13 +197,13 @@ class RouterAccounting:
                 n = prompt = 0
                 decode = 0.0
                 # Newest first: stop at the first request the stats already include (often the newest one).
-                if queue and queue[-1].routed_time >= since:
-                    for item in reversed(queue):
-                        if item.routed_time < since:
+                if queue and queue[-1][1] >= since:
+                    for _, routed_time, prompt_tokens, decode_tokens in reversed(queue):
+                        if routed_time < since:
                             break
                         n += 1
-                        prompt += item.prompt_tokens
-                        decode += item.decode_tokens
+                        prompt += prompt_tokens
+                        decode += decode_tokens
                 # tuple.__new__: the named tuple's own __new__ is a Python function around exactly this call
                 snap = _new_snapshot(ReplicaSnapshot, (replica_id, *values, True, len(queue), n, prompt, decode,
                                                        share))

@@ -87,9 +87,15 @@ class ReceivedFeed:
         return {NUM_RECEIVED: self.num_received, RECENT_PREFIX_HASHES: list(seen)}
 
 
+def _is_mapping(stats: Any) -> bool:
+    # The exact type first: what replicas publish is a dict, and the ABC check is a slow Python-level call
+    # (these run for every publication a router sees).
+    return type(stats) is dict or isinstance(stats, Mapping)
+
+
 def published_received(stats: Mapping[str, Any] | None) -> int | None:
     """``num_received`` of a stats dict, or None when absent or malformed (an older replica: no share)."""
-    value = stats.get(NUM_RECEIVED) if isinstance(stats, Mapping) else None
+    value = stats.get(NUM_RECEIVED) if _is_mapping(stats) else None
     if type(value) is not int or value < 0:
         return None
     return value
@@ -97,7 +103,7 @@ def published_received(stats: Mapping[str, Any] | None) -> int | None:
 
 def published_prefixes(stats: Mapping[str, Any] | None) -> Sequence[int]:
     """``recent_prefix_hashes`` of a stats dict; () when absent or malformed (never raises)."""
-    value = stats.get(RECENT_PREFIX_HASHES) if isinstance(stats, Mapping) else None
+    value = stats.get(RECENT_PREFIX_HASHES) if _is_mapping(stats) else None
     if type(value) is not list and type(value) is not tuple:
         return ()
     for h in value:

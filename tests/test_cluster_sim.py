@@ -1,5 +1,6 @@
 """The offline cluster simulator: golden results, the stats-staleness model, determinism, CLI."""
 
+import gc
 import json
 import math
 
@@ -44,6 +45,27 @@ def test_golden_larry_is_stable():
     b = golden_run("azure_conv", 12, "pow2", "larry")
     assert {k: a[k] for k in GOLDEN_KEYS} == {k: b[k] for k in GOLDEN_KEYS}
     assert a["completed"] == 300
+
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["gc-on", "gc-off"])
+def test_run_pauses_the_cyclic_gc_and_restores_it(enabled, monkeypatch):
+    seen = []
+    monkeypatch.setattr(ClusterSim, "_admit", lambda self, tr, i: seen.append(gc.isenabled()))
+    (gc.enable if enabled else gc.disable)()
+    try:
+        simulate(load_trace("azure_conv", limit=3), ClusterConfig(num_replicas=1))
+        assert seen == [False, False, False] and gc.isenabled() is enabled
+    finally:
+        gc.enable()
+
+
+def test_a_run_leaves_no_reference_cycles():
+    """Why pausing the collector costs nothing: a run (several routers, a preempting engine policy) forms no
+    cycles for it to find."""
+    gc.collect()
+    simulate(load_trace("azure_code", limit=300), ClusterConfig(num_replicas=2, num_routers=2, engine_policy="larry"))
+    assert gc.collect() == 0
 
 
 def test_same_seed_same_records_byte_identical():

@@ -213,9 +213,12 @@ class BlockPool:
             del empty[-n:]
             out.reverse()
             return out
-        out = empty[::-1]
-        empty.clear()
-        n -= num_empty
+        if num_empty:
+            out = empty[::-1]
+            empty.clear()
+            n -= num_empty
+        else:  # the usual case under load: every free block holds content
+            out = []
         # Then the LRU part's head, evicting what it holds. A run's list is handed over whole when that
         # copies fewer block ids than copying the run's blocks out (ids are objects: copies cost refcounts).
         lru = self._lru
@@ -240,7 +243,10 @@ class BlockPool:
                         blocks[:0] = out
                         out = blocks
                     else:
-                        out += blocks[:n]
+                        if out:
+                            out += blocks[:n]
+                        else:
+                            out = blocks[:n]
                         del blocks[:n]
                     self.num_evictions += n
                     return out
@@ -278,7 +284,9 @@ class BlockPool:
         rid = request.request_id
         blocks = self.req_blocks.get(rid)
         num_hashed = self.req_num_hashed.get(rid, 0)
-        full = min(num_tokens // self.block_size, len(blocks)) if blocks else 0
+        full = num_tokens // self.block_size if blocks else 0
+        if blocks and full > len(blocks):  # (min(), without the builtin's call cost: once per finish)
+            full = len(blocks)
         if not self.enable_prefix_caching or len(request.block_hashes) > num_hashed or full <= num_hashed:
             request.extend_block_hashes(self.block_size, num_tokens)
             self.cache_blocks(request, num_tokens)

@@ -161,7 +161,7 @@ class Scheduler:
         threshold = self.config.long_prefill_token_threshold
         if 0 < threshold < num_new:
             num_new = threshold
-        return min(num_new, budget)
+        return num_new if num_new < budget else budget  # min(), without the builtin's call cost
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         running, pool, scheduled = self.running, self.pool, out.num_scheduled_tokens

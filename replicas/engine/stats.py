@@ -45,18 +45,21 @@ def engine_stats(
         hits = len(pool.find_cached_prefix(r)) * bs if r.num_computed_tokens == 0 else 0
         waiting_tokens += r.num_tokens - r.num_computed_tokens - hits
         decode_left += remaining(r.max_tokens, r.num_output_tokens)
+    req_blocks = pool.req_blocks
     for r in scheduler.running:
-        left = r.num_prompt_tokens + r.num_output_tokens - r.num_computed_tokens  # a decode step adds to both
+        computed, generated = r.num_computed_tokens, r.num_output_tokens
+        left = r.num_prompt_tokens + generated - computed  # a decode step adds to both
         if left > 1:
             waiting_tokens += left
-        decode_left += remaining(r.max_tokens, r.num_output_tokens + pending_steps)
-        context += r.num_computed_tokens + pending_steps
+        decode_left += remaining(r.max_tokens, generated + pending_steps)
+        context += computed
         if pending_steps:
             # as Scheduler._allocate_run, counting only: step i (0 = allocated) needs slot c + i + 1
-            first = len(pool.req_blocks[r.request_id]) * bs - r.num_computed_tokens
+            first = len(req_blocks[r.request_id]) * bs - computed
             if first < pending_steps:
                 pending_blocks += (pending_steps - 1 - first) // bs + 1
     num_running = len(scheduler.running)
+    context += pending_steps * num_running  # (ints: the same sum as adding it per request)
     ratio = 1.0
     if latency is not None:
         batch = num_running or 1

@@ -231,7 +231,8 @@ class SalPolicy:
             matched = self.index.match(request.prefix_hashes)
         fixed_wd = 0.0 if not p.use_decode_work else p.decode_weight  # None: per replica
         floor, rnd = p.min_match_blocks, rng.random
-        block_tokens, max_credit = request.prefix_block_size, max(prompt - 1, 0)
+        # (conditional expressions, not min/max: a builtin min/max call costs more than the rest of a line here)
+        block_tokens, max_credit = request.prefix_block_size, (prompt - 1 if prompt > 1 else 0)
         extra_credit = p.prefix_credit_weight - 1.0
         share = replicas[0].traffic_share if replicas else 1.0
         alone = share >= p.alone_share  # alone: the single-router rule exactly (K = 1, argmin)
