@@ -268,8 +268,9 @@ def test_replicas_leaving_the_set_are_forgotten():
     run(main())
 
 
+@pytest.mark.measure  # a wall-clock bound: failed once at load ~33 on a shared 2-core host (halffull bench router has the figures)
 def test_choose_is_cheap():
-    """The adapter's conversion plus the policy, per call, with 16 replicas (a loose bound for slow CI)."""
+    """The adapter's conversion plus the policy, per call, with 16 replicas (a loose bound)."""
 
     async def main():
         router = make_router("sal")
