@@ -88,10 +88,18 @@ class Run:
         self.last_token_time: float | None = None
 
     async def _next(self):
+        """The next item of the Serve stream, by the deadline."""
+        return await self._by_deadline(self.stream.__anext__)
+
+    async def _next_batch(self) -> list[int]:
+        """The next batch from the token channel, by the deadline."""
+        return await self._by_deadline(self._tokens.next_batch)
+
+    async def _by_deadline(self, read):
         if self.deadline is None:
-            return await self.stream.__anext__()
+            return await read()
         async with asyncio.timeout_at(self.deadline):
-            return await self.stream.__anext__()
+            return await read()
 
     async def start(self) -> None:
         """Send the request; return once a replica accepted it (its start event)."""
@@ -151,12 +159,6 @@ class Run:
             raise
         except BaseException as exc:  # the replica failed (or our cancel): the reader raises it
             tokens.fail(exc)
-
-    async def _next_batch(self) -> list[int]:
-        if self.deadline is None:
-            return await self._tokens.next_batch()
-        async with asyncio.timeout_at(self.deadline):
-            return await self._tokens.next_batch()
 
     def _release(self) -> None:
         """Stop reading this attempt from the token channel."""

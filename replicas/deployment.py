@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import time
 from typing import Any, AsyncIterator, Mapping, Sequence
 
@@ -248,10 +249,7 @@ class LLMReplica:
                 # The first batch goes on the Serve stream, right behind the start event: the ingress sends it
                 # as its own SSE event the moment it has it, whether or not its channel connection (opened
                 # on its first request to this replica) is up yet, and it cannot merge with later tokens.
-                try:
-                    first = await batches.__anext__()
-                except StopAsyncIteration:
-                    first = None
+                first = await anext(batches, None)
                 if first is not None:
                     times.append((rid, time.time()))
                     yield first
@@ -291,10 +289,7 @@ class LLMReplica:
         return once its last tokens were written, so the end event follows them. The simulated engine's
         stream hands its tokens over from the step loop itself (``deliver_to``: no wake-up of this coroutine
         per step); others are read batch by batch."""
-
-        def on_tokens(tokens: list[int]) -> None:
-            sink.push(rid, tokens)
-
+        on_tokens = functools.partial(sink.push, rid)
         try:
             if hasattr(stream, "deliver_to"):
                 stream.deliver_to(on_tokens)
