@@ -58,6 +58,7 @@ from halffull.deploy.stop import StopChecker
 from halffull.deploy.tokenizer import message_text
 from halffull.replicas.backend import SAMPLING_FIELDS
 from halffull.router import serve_router
+from halffull.router.completions import report_completion
 
 logger = logging.getLogger("ray.serve")
 
@@ -185,7 +186,7 @@ class GenerationServing:
         except Exception:
             logger.exception("halffull ingress: metrics failed")
         if run.end is not None:
-            serve_router.report_completion(Run.attempt_id(run.request_id, run.attempt), run.num_tokens)
+            report_completion(Run.attempt_id(run.request_id, run.attempt), run.num_tokens)
 
     async def _sse(self, run: Run, output: "_Output", response_id: str, *, chat: bool, include_usage: bool,
                    endpoint: str):

@@ -34,8 +34,8 @@ Lifecycle hooks (verified in ray/serve/_private/router.py, 2.60):
     cancelled — also for attempts a replica rejected, so it is ignored unless the request was routed to that
     replica. -> ``RouterAccounting.on_finished``; ``policy.on_finished`` once the output token count is
     known. The router never sees the token stream: the ingress reports the count through
-    ``report_completion(request_id, num_output_tokens)`` (same process: the router lives in the process that
-    holds the handle). Whichever of the two arrives second calls ``policy.on_finished``; a completion whose
+    ``halffull.router.completions.report_completion(request_id, num_output_tokens)`` (same process: the router
+    lives in the process that holds the handle; that module says why the shared state cannot live here). Whichever of the two arrives second calls ``policy.on_finished``; a completion whose
     count has not arrived ``COMPLETION_GRACE_S`` later is dropped from the policy's view (a request the client
     abandoned), since an invented count would bias the output-length estimate.
   * ``on_replica_actor_died`` / ``update_replicas``: replicas that left -> ``policy.on_replica_removed`` and
@@ -79,16 +79,15 @@ import asyncio
 import logging
 import os
 import random
-import threading
 import time
-import weakref
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable, List, Mapping, Optional, Sequence
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from halffull.prefix_hash import hash_token_blocks
+from halffull.router import completions
 from halffull.router.accounting import RouterAccounting
 from halffull.router.estimate import OutputLengthEstimator
 from halffull.router.registry import make_policy
@@ -100,7 +99,6 @@ ROUTING_KWARG = "routing"
 COMPLETION_GRACE_S = 5.0
 RESERVATION_TTL_S = 30.0  # a reservation whose request was neither routed nor ranked again is released
 MAX_STATS_AGE_S = 10.0
-_MAX_NOTES = 65536
 _MAX_DELAYS = 4096
 # Every this many seconds (at most) a router logs the delivery delays of the publications it saw since its last
 # such line: "halffull router: stats delivery delay ..." (tests/test_router_delivery_delay.py reads them; the
@@ -147,30 +145,6 @@ def request_view(pending_request: Optional[PendingRequest], now: float) -> Reque
     )
 
 
-# ---- completion feedback (ingress -> routers in the same process) ---------------------------------------
-_notes_lock = threading.Lock()
-_notes: OrderedDict[str, int] = OrderedDict()  # request id -> output tokens, bounded
-_routers: "weakref.WeakSet[HalffullRequestRouter]" = weakref.WeakSet()
-
-
-def report_completion(request_id: str, num_output_tokens: int) -> None:
-    """Tell this process's routers how many tokens a finished request produced (thread-safe)."""
-    if not _routers:
-        return  # no halffull router in this process (e.g. Ray's default router)
-    with _notes_lock:
-        _notes[request_id] = num_output_tokens
-        while len(_notes) > _MAX_NOTES:
-            _notes.popitem(last=False)
-        routers = list(_routers)
-    for router in routers:
-        router._note_arrived(request_id)
-
-
-def _take_note(request_id: str) -> Optional[int]:
-    with _notes_lock:
-        return _notes.pop(request_id, None)
-
-
 def _trusted(stats: Any, now: float, max_age_s: float | None) -> Any:
     """``stats``, or None when they are too old or too far ahead of ``now`` (field checks: parse_stats)."""
     if max_age_s is None or not isinstance(stats, Mapping):
@@ -215,8 +189,7 @@ class HalffullRequestRouter(RequestRouter):
         self._max_stats_age_s: float | None = MAX_STATS_AGE_S
         self._last_error_log = -_LOG_EVERY_S
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop routing runs on (set on first call)
-        with _notes_lock:
-            _routers.add(self)
+        completions.register(self)
 
     def initialize_state(self, policy: str = "sal", policy_params: Mapping[str, Any] | None = None,
                          seed: int | None = None, max_stats_age_s: float | None = MAX_STATS_AGE_S,
@@ -346,7 +319,7 @@ class HalffullRequestRouter(RequestRouter):
                 return  # a rejected attempt, or a request this router did not route
             del self._inflight[internal_request_id]
             self.accounting.on_finished(internal_request_id)
-            count = _take_note(entry.request_id)
+            count = completions.take_note(entry.request_id)
             if count is not None:
                 self._finish(entry.request_id, entry.replica_id, entry.num_prompt_tokens, count, time.time())
                 return
@@ -365,7 +338,7 @@ class HalffullRequestRouter(RequestRouter):
         waiting = self._awaiting.pop(request_id, None)
         if waiting is None:
             return  # on_request_completed will take the note
-        count = _take_note(request_id)
+        count = completions.take_note(request_id)
         if count is not None:
             self._finish(request_id, waiting.replica_id, waiting.num_prompt_tokens, count, time.time())
 

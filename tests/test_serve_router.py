@@ -7,6 +7,10 @@ No Ray cluster: the router object is built directly (as Ray's own router unit te
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -16,7 +20,8 @@ from ray.serve.request_router import PendingRequest
 from halffull.prefix_hash import hash_token_blocks
 from halffull.router import serve_router
 from halffull.router.registry import POLICY_NAMES
-from halffull.router.serve_router import HalffullRequestRouter, report_completion, request_view, routing_kwarg
+from halffull.router.completions import report_completion
+from halffull.router.serve_router import HalffullRequestRouter, request_view, routing_kwarg
 
 DEP = DeploymentID(name="LLMReplica", app_name="app")
 
@@ -222,6 +227,47 @@ def test_output_count_reaches_the_policy_in_either_order():
         assert not router._awaiting
 
     run(main())
+
+
+# The ingress's side of test_counts_reach_a_router_shipped_the_way_ray_ships_it, in a process of its own (as the
+# ingress replica is): it imports report_completion by name, and gets the router class from Ray's pickle.
+_INGRESS_SIDE = textwrap.dedent("""
+    import json, sys
+    from ray import cloudpickle
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
+    from ray.serve.request_router import PendingRequest
+    from halffull.router.completions import report_completion
+
+    cls = cloudpickle.loads(open(sys.argv[1], "rb").read())
+    dep = DeploymentID(name="LLMReplica", app_name="app")
+    router = cls(deployment_id=dep, handle_source=DeploymentHandleSource.UNKNOWN, self_actor_id="ingress")
+    router.initialize_state(policy="sal", policy_params={}, seed=0)
+    replica = ReplicaID("a", dep)
+    routing = {"request_id": "req-1", "num_prompt_tokens": 100, "max_tokens": 32, "prefix_block_size": 16}
+    request = PendingRequest(args=[{}], kwargs={"routing": routing},
+                             metadata=RequestMetadata(request_id="r1", internal_request_id="internal-r1"))
+    router.on_request_routed(request, replica, None)
+    report_completion("req-1", 17)
+    router.on_request_completed(replica, "internal-r1")
+    print(json.dumps({"observed": router.policy.estimator.count}))
+""")
+
+
+def test_counts_reach_a_router_shipped_the_way_ray_ships_it(tmp_path):
+    """Ray pickles the router's module by value and the ingress process unpickles the class: the count the ingress
+    reports must still reach that copy's policy. A router alive in this process while the class is pickled (as
+    after the tests above) must not stop the pickling either."""
+    from ray.serve.config import RequestRouterConfig
+
+    alive = make_router("sal")
+    config = RequestRouterConfig(request_router_class="halffull.router.serve_router:HalffullRequestRouter")
+    assert alive.policy is not None
+    blob = tmp_path / "router.pkl"
+    blob.write_bytes(config.get_serialized_request_router_cls())
+    done = subprocess.run([sys.executable, "-c", _INGRESS_SIDE, str(blob)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"observed": 1}
 
 
 def test_a_completion_never_reported_expires():
