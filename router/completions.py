@@ -21,7 +21,11 @@ import weakref
 from collections import OrderedDict
 from typing import Optional, Protocol
 
-MAX_NOTES = 65536  # counts kept for routers that have not taken them yet (oldest dropped first)
+# Counts kept for routers that have not taken them yet, oldest dropped first. A count normally waits only for
+# Ray's on_request_completed of the same request (about the same moment); one nobody takes (its router let it
+# expire, or routed it with another handle) would otherwise stay: 4096 is over a minute of requests at a GPU's rate
+# and under a megabyte.
+MAX_NOTES = 4096
 
 
 class NoteListener(Protocol):
