@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -45,8 +47,9 @@ def test_match_longest_prefix_per_replica(sent, query, expected):
 def test_match_counts_deepest_hash_without_contiguity():
     # Chained hashes: holding hash k means the replica was sent blocks 0..k, even if the entry for a
     # shallower block was evicted.
-    index = index_with(((1, 2, 3), "a"))
-    index._drop(1, "a")  # simulate an eviction of the head only
+    index = index_with(((1, 2, 3), "a"), ((2, 3), "a"), ((7,), "b"), max_entries=3)
+    # (2, 3) refreshed blocks 1 and 2, so inserting for b evicted only the head, (1, "a")
+    assert (1, "a") not in index and (2, "a") in index and (3, "a") in index
     assert index.match((1, 2, 3)) == {"a": 3}
 
 
@@ -105,9 +108,11 @@ def test_max_entries_must_be_positive():
         PrefixIndex(0)
 
 
+# Small hashes (so prefixes meet) and the extremes of the 64-bit hashes (a pair key packs hash and replica slot).
+HASHES = st.one_of(st.integers(0, 12), st.sampled_from([-1, -(2**63), 2**63 - 1]))
 ops = st.lists(
     st.one_of(
-        st.tuples(st.just("insert"), st.lists(st.integers(0, 12), max_size=6), st.sampled_from("abcd")),
+        st.tuples(st.just("insert"), st.lists(HASHES, max_size=6), st.sampled_from("abcd")),
         st.tuples(st.just("remove"), st.just([]), st.sampled_from("abcd")),
     ),
     max_size=60,
@@ -118,12 +123,22 @@ ops = st.lists(
 @given(ops=ops, max_entries=st.integers(1, 10))
 def test_invariants_and_bound_hold_under_any_sequence(ops, max_entries):
     index = PrefixIndex(max_entries)
+    reference: OrderedDict[tuple[int, str], None] = OrderedDict()  # the spec: pairs, least recently inserted first
     for op, hashes, replica in ops:
         if op == "insert":
             index.insert(tuple(hashes), replica)
+            for h in reversed(hashes):
+                reference[(h, replica)] = None
+                reference.move_to_end((h, replica))
+            while len(reference) > max_entries:
+                reference.popitem(last=False)
         else:
             index.remove_replica(replica)
+            for pair in [p for p in reference if p[1] == replica]:
+                del reference[pair]
         index.check_invariants()
+        assert index.pairs() == list(reference)
+        assert index.replicas() == {r for _, r in reference}
     # match agrees with a brute-force reading of the pairs
     query = tuple(range(13))
     pairs = set(index.pairs())
@@ -132,3 +147,20 @@ def test_invariants_and_bound_hold_under_any_sequence(ops, max_entries):
         for _, replica in {p for p in pairs if p[0] == query[depth - 1]}:
             expected.setdefault(replica, depth)
     assert index.match(query) == expected
+
+
+def test_refreshing_the_same_prefix_keeps_the_order_bounded():
+    index = index_with(*[((1, 2, 3), "a")] * 1000, ((9,), "b"))
+    index.check_invariants()
+    assert len(index._order) <= 2 * len(index) + 64  # stale occurrences were squeezed out
+    assert index.pairs() == [(3, "a"), (2, "a"), (1, "a"), (9, "b")]
+
+
+def test_a_reused_slot_does_not_inherit_the_old_replicas_pairs():
+    index = index_with(((1, 2), "a"), ((3,), "b"), max_entries=3)
+    index.remove_replica("a")
+    index.insert((1, 2), "c")  # c takes a's slot
+    index.insert((4,), "b")  # evicts the oldest pair: (3, "b"), not one of c's
+    index.check_invariants()
+    assert index.pairs() == [(2, "c"), (1, "c"), (4, "b")]
+

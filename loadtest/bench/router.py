@@ -16,6 +16,10 @@ the median over repeats of total time / calls, in wall time (``time.perf_counter
 time (``time.process_time``: what the call costs when other processes load the machine, as on a shared dev
 box). The target is < 50 µs per call at 64 replicas.
 
+Also printed: the memory of a full prefix index (``index_footprint``: distinct 25-block prompts over 4 replicas,
+``tracemalloc``, the hash ints included since the index keeps the request's), which a long-running ingress
+reaches (the soak's RSS check), and the time per inserted pair.
+
 Snapshots are reused across calls (``SNAPSHOT_SETS`` lists), as a router's accounting reuses a replica's
 snapshot until that replica's stats or queue change; ``sal`` memoizes each snapshot's request-independent part.
 """
@@ -26,7 +30,9 @@ import argparse
 import random
 import statistics
 import time
+import tracemalloc
 
+from halffull.router.prefix_index import PrefixIndex
 from halffull.router.registry import POLICY_NAMES, make_policy
 from halffull.router.types import ReplicaSnapshot, RequestView
 
@@ -123,6 +129,29 @@ def run(
     ]
 
 
+def index_footprint(max_entries: int = 65536, blocks: int = 25, replicas: int = 4, seed: int = 0) -> dict:
+    """Bytes per (hash, replica) pair and µs per inserted pair of a ``PrefixIndex`` filled to its bound with
+    distinct prompts of ``blocks`` blocks (the soak's traffic: nothing shared, so every block is a new pair)."""
+    rng = random.Random(seed)
+    count = -(-max_entries // blocks)
+    prompts = [[rng.getrandbits(64) - 2**63 for _ in range(blocks)] for _ in range(2 * count)]
+    index = PrefixIndex(max_entries)
+    tracemalloc.start()
+    try:
+        for k, hashes in enumerate(prompts[:count]):
+            index.insert(hashes, f"replica-{k % replicas}")
+        used, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The hash ints were made before tracing; the index keeps the request's, so they count as its memory.
+    int_bytes = statistics.fmean(h.__sizeof__() for hashes in prompts[:count] for h in hashes)
+    start = time.perf_counter_ns()
+    for k, hashes in enumerate(prompts[count:]):  # full: every insertion also evicts
+        index.insert(hashes, f"replica-{k % replicas}")
+    insert_us = (time.perf_counter_ns() - start) / (count * blocks) / 1000.0
+    return {"pairs": len(index), "bytes_per_pair": used / len(index) + int_bytes, "insert_us_per_pair": insert_us}
+
+
 def format_table(rows: list[dict], key: str = "us_per_call") -> str:
     """Policies as rows, replica counts as columns, µs per call (``key``: wall or CPU)."""
     counts = sorted({row["replicas"] for row in rows})
@@ -149,6 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     entries = {row["replicas"]: row["index_entries"] for row in rows if row["index_entries"]}
     if entries:
         print("prefix index entries after warm-up, by replica count:", entries)
+    full = index_footprint()
+    print(f"prefix index, full ({full['pairs']:,} pairs of distinct 25-block prompts): "
+          f"{full['bytes_per_pair'] * full['pairs'] / 1e6:.1f} MB, {full['bytes_per_pair']:.0f} bytes per pair; "
+          f"{full['insert_us_per_pair']:.2f} µs per inserted pair (with eviction)")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
