@@ -35,9 +35,10 @@ Lifecycle hooks (verified in ray/serve/_private/router.py, 2.60):
     replica. -> ``RouterAccounting.on_finished``; ``policy.on_finished`` once the output token count is
     known. The router never sees the token stream: the ingress reports the count through
     ``halffull.router.completions.report_completion(request_id, num_output_tokens)`` (same process: the router
-    lives in the process that holds the handle; that module says why the shared state cannot live here). Whichever of the two arrives second calls ``policy.on_finished``; a completion whose
-    count has not arrived ``COMPLETION_GRACE_S`` later is dropped from the policy's view (a request the client
-    abandoned), since an invented count would bias the output-length estimate.
+    lives in the process that holds the handle; that module says why the shared state cannot live here).
+    Whichever of the two arrives second calls ``policy.on_finished``; a completion whose count has not arrived
+    ``COMPLETION_GRACE_S`` later is dropped from the policy's view (a request the client abandoned), since an
+    invented count would bias the output-length estimate.
   * ``on_replica_actor_died`` / ``update_replicas``: replicas that left -> ``policy.on_replica_removed`` and
     ``RouterAccounting.on_replica_removed``. ``update_replicas`` runs on every broadcast of the controller
     (which carries the replicas' latest routing stats): it records each new publication's delivery delay,
@@ -101,9 +102,11 @@ RESERVATION_TTL_S = 30.0  # a reservation whose request was neither routed nor r
 MAX_STATS_AGE_S = 10.0
 _MAX_DELAYS = 4096
 # Every this many seconds (at most) a router logs the delivery delays of the publications it saw since its last
-# such line: "halffull router: stats delivery delay ..." (tests/test_router_delivery_delay.py reads them; the
-# environment variable lets that test log often).
-DELAY_LOG_EVERY_S = float(os.environ.get("HALFFULL_DELAY_LOG_EVERY_S", "60"))
+# such line, and how many output counts reached its policy: "halffull router: stats delivery delay ..." (tests
+# read them; HALFFULL_DELAY_LOG_EVERY_S, read when a router is made, lets them log often). Not read into a module
+# global: Ray pickles this module by value, so a global would hold the value of the process that built the app.
+DELAY_LOG_ENV = "HALFFULL_DELAY_LOG_EVERY_S"
+DELAY_LOG_EVERY_S = 60.0
 _DELAY_LOG_SAMPLE = 64  # delays listed per line (the most recent), in ms
 _LOG_EVERY_S = 10.0
 
@@ -221,6 +224,8 @@ class HalffullRequestRouter(RequestRouter):
         self._delays_logged = 0  # delivery_delays appended as of the last log line (a running count)
         self._delays_seen = 0
         self._last_delay_log = time.monotonic()
+        self._delay_log_every_s = float(os.environ.get(DELAY_LOG_ENV, DELAY_LOG_EVERY_S))
+        self.counts_observed = 0  # completions whose output count reached the policy
 
     # ---- routing ---------------------------------------------------------------------------------------
     async def choose_replicas(
@@ -348,6 +353,7 @@ class HalffullRequestRouter(RequestRouter):
             del self._awaiting[request_id]
 
     def _finish(self, request_id: str, replica_id: str, num_prompt: int, num_output: int, now: float) -> None:
+        self.counts_observed += 1
         try:
             self.policy.on_finished(Completion(request_id, replica_id, num_prompt, num_output, now))
         except Exception:
@@ -381,7 +387,7 @@ class HalffullRequestRouter(RequestRouter):
                 self._delays_seen += 1
         for rid in [k for k in seen if k not in self._replica_ids]:
             del seen[rid]
-        if time.monotonic() - self._last_delay_log >= DELAY_LOG_EVERY_S:
+        if time.monotonic() - self._last_delay_log >= self._delay_log_every_s:
             self._log_delays()
 
     def _log_delays(self) -> None:
@@ -393,9 +399,10 @@ class HalffullRequestRouter(RequestRouter):
             return
         recent = list(self.delivery_delays)[-new:]
         ordered = sorted(recent)
+        sample = " ".join(str(round(d * 1000)) for d in recent[-_DELAY_LOG_SAMPLE:])
         logger.info("halffull router: stats delivery delay over %d publications: median %.4f p90 %.4f max %.4f s; "
-                    "ms: %s", new, ordered[new // 2], ordered[min(new - 1, int(0.9 * new))], ordered[-1],
-                    " ".join(str(round(d * 1000)) for d in recent[-_DELAY_LOG_SAMPLE:]))
+                    "output counts observed %d; ms: %s", new, ordered[new // 2], ordered[min(new - 1, int(0.9 * new))],
+                    ordered[-1], self.counts_observed, sample)
 
     def _forget(self, replica_ids: Iterable[str]) -> None:
         for rid in replica_ids:

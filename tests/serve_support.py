@@ -9,7 +9,9 @@ fixture) and deletes it at module end.
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass, field
@@ -19,6 +21,11 @@ import pytest
 # Keep Ray's listeners on 127.0.0.1 (DESIGN.md §9). Ray reads this when it is first imported (ray_constants), and
 # test modules import Ray at collection, before any fixture runs: so it is set here, when conftest.py loads.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
+# Routers log their stats delivery delays and the output counts they observed every this many seconds (60 by
+# default): often enough for tests to read (ingress_log_matches). Read by each router in its own process, so it is
+# set here, before the session's Ray starts, for every worker to inherit.
+os.environ.setdefault("HALFFULL_DELAY_LOG_EVERY_S", "5")
 
 APP_READY_TIMEOUT_S = 120
 
@@ -99,3 +106,15 @@ def wait_until(predicate, timeout: float, interval: float = 0.25, message: str =
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:.0f} s waiting for {message}")
         time.sleep(interval)
+
+
+def ingress_log_matches(app: str, pattern: re.Pattern) -> list[re.Match]:
+    """Matches of ``pattern`` in the Serve log files of ``app``'s ingress replicas (this Ray session), in order."""
+    import ray
+
+    session = ray._private.worker._global_node.get_session_dir_path()
+    out: list[re.Match] = []
+    for path in sorted(glob.glob(os.path.join(session, "logs", "serve", f"replica_{app}_OpenAIIngress_*.log"))):
+        with open(path) as f:
+            out += [m for m in map(pattern.search, f) if m]
+    return out

@@ -6,7 +6,7 @@ Path measured (Ray 2.60): the controller calls ``LLMReplica.record_routing_stats
 iteration, and broadcasts the replicas' stats by long poll to every handle; the ``HalffullRequestRouter`` in the
 ingress replica (the process that holds the handle) records ``time.time() - stats_time`` of every new publication
 in ``update_replicas`` (``stats_time`` is ``time.time()`` inside ``record_routing_stats``; one host, one clock)
-and logs them every ``DELAY_LOG_EVERY_S`` (5 s here, through ``HALFFULL_DELAY_LOG_EVERY_S``, set before Ray
+and logs them every 5 s here (``HALFFULL_DELAY_LOG_EVERY_S``, which tests/serve_support.py sets before Ray
 starts so that its workers inherit it). The test deploys the real app (1 ingress replica, 2 simulated
 replicas, period 0.5 s), keeps requests flowing over HTTP, and reads the ingress replica's log lines.
 
@@ -15,8 +15,6 @@ replicas, period 0.5 s), keeps requests flowing over HTTP, and reads the ingress
 
 from __future__ import annotations
 
-import glob
-import os
 import re
 import statistics
 import threading
@@ -25,10 +23,11 @@ import time
 import httpx
 import pytest
 
-os.environ.setdefault("HALFFULL_DELAY_LOG_EVERY_S", "5")  # before the session's Ray starts (workers inherit it)
+from tests.serve_support import ingress_log_matches
 
-# A measurement (it sets the simulator default), not a gate: in a full suite run the ingress log lines it reads
-# were once missing (cause not found); alone it passes. HALFFULL_MEASURE=1 runs it.
+# A measurement (it sets the simulator default), not a gate. HALFFULL_MEASURE=1 runs it. (In a full suite run the
+# log lines it reads were once missing: the log interval was a global of router/serve_router.py, which Ray pickles
+# by value, so a module imported before this one froze it at 60 s; routers now read it when they are made.)
 pytestmark = [pytest.mark.ray, pytest.mark.measure, pytest.mark.timeout(300)]
 
 APP = "delay"
@@ -39,17 +38,7 @@ LINE = re.compile(r"halffull router: stats delivery delay over (\d+) publication
 
 def ingress_delays(app: str) -> list[float]:
     """Delays (s) listed by the routers of ``app``'s ingress replicas in this Ray session's Serve logs."""
-    import ray
-
-    session = ray._private.worker._global_node.get_session_dir_path()
-    out: list[float] = []
-    for path in glob.glob(os.path.join(session, "logs", "serve", f"replica_{app}_OpenAIIngress_*.log")):
-        with open(path) as f:
-            for line in f:
-                m = LINE.search(line)
-                if m:
-                    out += [int(x) / 1000 for x in m.group(2).split()]
-    return out
+    return [int(x) / 1000 for m in ingress_log_matches(app, LINE) for x in m.group(2).split()]
 
 
 def load(url: str, seconds: float, clients: int = 3) -> int:

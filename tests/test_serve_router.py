@@ -225,6 +225,7 @@ def test_output_count_reaches_the_policy_in_either_order():
             await asyncio.sleep(0)
         assert estimator.count == 2 and estimator._sum == 22
         assert not router._awaiting
+        assert router.counts_observed == 2
 
     run(main())
 

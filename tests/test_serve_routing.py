@@ -7,14 +7,21 @@ replica itself (it names itself in the stream's first event; the ingress returns
 * ``sal`` sees B's outstanding work (its published decode work plus the router's own in-flight delta), so the
   short requests avoid B.
 * ``round_robin`` ignores load: the short requests alternate, 10 and 10.
+
+The ``sal`` app also shows that the output token counts the ingress reports reach its router's policy (the
+router logs how many it observed, tests/serve_support.py ``ingress_log_matches``).
 """
 
 from __future__ import annotations
 
 import collections
+import re
+import time
 
 import httpx
 import pytest
+
+from tests.serve_support import ingress_log_matches
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -55,10 +62,19 @@ def short_requests_while_one_is_busy(base_url: str) -> tuple[str, collections.Co
     return busy_replica, counts
 
 
+COUNTS_LINE = re.compile(r"halffull router: stats delivery delay .*; output counts observed (\d+);")
+
+
 def test_sal_steers_new_requests_away_from_the_busy_replica(deploy):
     busy, counts = short_requests_while_one_is_busy(deploy("sal"))
     assert sum(counts.values()) == NUM_SHORT
     assert counts[busy] <= 2, f"busy replica {busy} got {counts[busy]} of {NUM_SHORT}: {dict(counts)}"
+    # Every short request's output count reached the router's policy (the long one was abandoned: no count).
+    deadline, observed = time.time() + 30, []
+    while time.time() < deadline and not (observed and observed[-1] >= NUM_SHORT):
+        time.sleep(1.0)
+        observed = [int(m.group(1)) for m in ingress_log_matches("routing-sal", COUNTS_LINE)]
+    assert observed and observed[-1] >= NUM_SHORT, observed
 
 
 def test_round_robin_spreads_evenly_regardless_of_load(deploy):
