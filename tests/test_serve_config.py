@@ -10,7 +10,7 @@ import ray.exceptions
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from halffull.deploy.app import RAY_DEFAULT_ROUTER, AppConfig, build_app
+from halffull.deploy.app import RAY_DEFAULT_ROUTER, AppConfig, build_app, process_env
 from halffull.deploy.run import classify as _classify
 from halffull.replicas.engine.policies import engine_policy_names
 from halffull.router.registry import POLICY_NAMES
@@ -49,6 +49,25 @@ def test_default_app_builds_with_the_halffull_router():
     assert router.request_router_class == "halffull.router.serve_router:HalffullRequestRouter"
     assert router.request_router_kwargs["policy"] == "sal"
     assert router.request_routing_stats_period_s == 0.5
+
+
+@pytest.mark.parametrize(("environ", "expected"), [
+    pytest.param({}, {"MALLOC_ARENA_MAX": "2"}, id="default-two-arenas"),
+    pytest.param({"MALLOC_ARENA_MAX": "8"}, {"MALLOC_ARENA_MAX": "8"}, id="builder-value-wins"),
+    pytest.param({"MALLOC_ARENA_MAX": ""}, {}, id="empty-keeps-glibc-default"),
+])
+def test_process_env(environ, expected):
+    assert process_env(environ) == expected
+
+
+def test_both_deployments_start_with_the_process_env(monkeypatch):
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    app = build_app(load_config()["applications"][0]["args"])
+    llm = app._bound_deployment.init_args[0]._bound_deployment
+    for deployment in (app._bound_deployment, llm):
+        options = deployment.ray_actor_options
+        assert options["runtime_env"] == {"env_vars": {"MALLOC_ARENA_MAX": "2"}}, deployment.name
+    assert app._bound_deployment.ray_actor_options["num_cpus"] == 0  # the ingress still takes no CPU slot
 
 
 @pytest.mark.parametrize("router", [*POLICY_NAMES, RAY_DEFAULT_ROUTER])

@@ -171,3 +171,16 @@ def test_client_disconnect_aborts_the_request_on_the_replica(http):
                        interval=0.05, message="the replica to abort the abandoned request")
     assert after["num_finished"] == before["num_finished"]
     wait_until(lambda: replica_stats(replica)["num_running"] == 0, 10, message="the replica to be idle")
+
+
+def test_replica_processes_start_with_two_malloc_arenas(base_url):
+    """deploy/app.py process_env reaches the processes themselves (runtime_env, set before the worker starts)."""
+    import psutil
+
+    found: dict[str, set] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        title = (proc.info["cmdline"] or [""])[0]
+        if title.startswith("ray::ServeReplica:e2e:"):  # proctitle: ray::ServeReplica:<app>:<deployment>[...]
+            role = title.split(":")[4].split(".")[0].split()[0]
+            found.setdefault(role, set()).add(proc.environ().get("MALLOC_ARENA_MAX"))
+    assert found == {"OpenAIIngress": {"2"}, "LLMReplica": {"2"}}, found
