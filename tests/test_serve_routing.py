@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import collections
 import re
-import time
 
 import httpx
 import pytest
 
-from tests.serve_support import ingress_log_matches
+from tests.serve_support import ingress_log_matches, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(240)]
 
@@ -70,11 +69,12 @@ def test_sal_steers_new_requests_away_from_the_busy_replica(deploy):
     assert sum(counts.values()) == NUM_SHORT
     assert counts[busy] <= 2, f"busy replica {busy} got {counts[busy]} of {NUM_SHORT}: {dict(counts)}"
     # Every short request's output count reached the router's policy (the long one was abandoned: no count).
-    deadline, observed = time.time() + 30, []
-    while time.time() < deadline and not (observed and observed[-1] >= NUM_SHORT):
-        time.sleep(1.0)
+    def latest_count() -> int:
         observed = [int(m.group(1)) for m in ingress_log_matches("routing-sal", COUNTS_LINE)]
-    assert observed and observed[-1] >= NUM_SHORT, observed
+        return observed[-1] if observed else 0
+
+    wait_until(lambda: latest_count() >= NUM_SHORT, timeout=30, interval=1.0,
+               message=f"the sal router to log {NUM_SHORT} output counts observed")
 
 
 def test_round_robin_spreads_evenly_regardless_of_load(deploy):
