@@ -73,6 +73,7 @@ from halffull.deploy.channel import ChannelClient
 # AppConfig and RAY_DEFAULT_ROUTER are imported from here by tools (loadtest/) beside build_app.
 from halffull.deploy.config import INGRESS_BURST_SLOTS, RAY_DEFAULT_ROUTER, AppConfig, make_tokenizer
 from halffull.deploy.limits import Limits, RequestLimits, endpoint_of
+from halffull.deploy.peer_link import PeerLink, ingress_handle, node_host
 from halffull.deploy.metrics import IngressMetrics, node_metrics_text
 from halffull.deploy.protocol.chat import ChatCompletionRequest, ChatCompletionResponse
 from halffull.deploy.protocol.common import Health, ModelList
@@ -101,6 +102,14 @@ def _answer(model, *, stream: bool = False) -> dict[int | str, dict[str, Any]]:
     if stream:
         ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
     return {200: ok, **_errors(400, 401, 404, 405, 413, 429, 503, 504)}
+
+
+def _link_counts(link: PeerLink | None) -> dict[str, int]:
+    if link is None:
+        return {}
+    return {"peers": len(link.live_peers()), "datagrams_sent": link.num_datagrams_sent,
+            "bookings_sent": link.num_bookings_sent, "datagrams_received": link.num_received,
+            "datagrams_dropped": link.num_dropped}
 
 
 def _count(endpoint: str, status: int) -> None:
@@ -165,6 +174,8 @@ class OpenAIIngress:
             request_timeout_s=config.request_timeout_s, retry_after_s=config.retry_after_s, metrics=metrics,
             channel=ChannelClient() if config.token_channel else None)
         self.tokenization = TokenizeServing(tokenizer, model=self.model, max_model_len=self.max_model_len)
+        # The routers' bookings to the other ingress replicas (router/peers.py); Ray's own router shares none.
+        self.peer_link = PeerLink(node_host(), ingress_handle) if config.router != RAY_DEFAULT_ROUTER else None
         if digests:
             logger.info("halffull ingress: API keys required (%d configured)", len(digests))
 
@@ -194,21 +205,38 @@ class OpenAIIngress:
         text = await asyncio.get_running_loop().run_in_executor(None, node_metrics_text)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
+    async def peer_hello(self, source: str, host: str, port: int, token: str) -> bool:
+        """A peer ingress replica announces where its routers' bookings are received (deploy/peer_link.py; not an
+        HTTP route). Hearing one starts this replica's own link."""
+        if self.peer_link is None:
+            return False
+        self.peer_link.ensure_started()
+        self.peer_link.on_hello(source, host, port, token)
+        return True
+
+    def _start_peers(self) -> None:
+        if self.peer_link is not None:
+            self.peer_link.ensure_started()
+
     async def load(self) -> dict[str, Any]:
         """Generation requests in this ingress replica now, the runs reading the token channel, its pid and RSS
         (tests, soak; not an HTTP route)."""
         channel = self.generation.channel
         return {"num_active": self.num_active, "auth": bool(ApiKeyGuard.digests),
-                "num_channel_runs": len(channel.runs) if channel is not None else 0, **process_memory()}
+                "num_channel_runs": len(channel.runs) if channel is not None else 0,
+                "peer_link": _link_counts(self.peer_link),
+                **process_memory()}
 
     # ---- generation ------------------------------------------------------------------------------------
     @fastapi_app.post("/v1/completions", response_model=None, responses=_answer(CompletionResponse, stream=True))
     async def completions(self, body: CompletionRequest, request: Request):
+        self._start_peers()
         return await self.generation.create(body, request, chat=False)
 
     @fastapi_app.post("/v1/chat/completions", response_model=None,
                       responses=_answer(ChatCompletionResponse, stream=True))
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
+        self._start_peers()
         return await self.generation.create(body, request, chat=True)
 
     # ---- tokenizer -------------------------------------------------------------------------------------

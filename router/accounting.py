@@ -6,11 +6,17 @@ replica-published stats are the shared truth but stale. ``snapshot`` merges the 
 * published fields come from the replica's last stats dict (``replicas/engine/stats.py``), validated: a
   missing, malformed or non-finite value makes the snapshot ``stats_known=False`` (policies fall back to
   request counts), never an exception;
-* ``delta_*`` fields count this router's requests routed *after* the stats' ``stats_time`` (not yet in
-  them); ``local_outstanding`` counts this router's requests at the replica that have not finished;
-* ``traffic_share`` is this router's share of the fleet's traffic (router/share.py), learned from each new
-  publication's ``num_received`` (router/feed.py) against this router's sends. ``snapshots`` hands every
-  new publication to ``on_new_stats`` too (the policies' ``on_stats``: published prefix hashes).
+* ``delta_*`` fields count the requests routed *after* the stats' ``stats_time`` (not yet in them) that this
+  router knows of: its own, plus the bookings its peers broadcast (``on_peer_routed``, router/peers.py);
+  ``local_outstanding`` counts this router's own requests at the replica that have not finished;
+* ``traffic_share`` is the share of the fleet's traffic this router knows of (router/share.py), learned from
+  each new publication's ``num_received`` (router/feed.py) against its own sends and its peers' bookings: 1/N
+  with N routers that share nothing, about 1 when every peer's bookings arrive. ``snapshots`` hands every new
+  publication to ``on_new_stats`` too (the policies' ``on_stats``: published prefix hashes).
+
+Peer bookings are kept per replica, oldest first, until a publication's ``stats_time`` passes them (the stats
+then include them), and at most ``MAX_PEER_BOOKINGS`` per replica (oldest dropped): a replica that stops
+publishing cannot make them grow.
 
 The same class runs in the offline simulator and in the Ray Serve adapter.
 """
@@ -24,6 +30,7 @@ from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
 from halffull.router.feed import published_received
+from halffull.router.peers import InTransit
 from halffull.router.share import ShareParams, TrafficShare
 from halffull.router.types import ReplicaSnapshot
 
@@ -37,7 +44,7 @@ _CHECKS = tuple((key, _PUBLISHED.index(key), key in _INT_FIELDS) for key in _INT
 _STATS_TIME, _BLOCK_SIZE, _RATIO, _DECODE = map(_PUBLISHED.index, (
     "stats_time", "block_size", "decode_cost_ratio", "num_decode_tokens_remaining"))
 _LOCAL = ("stats_known", "local_outstanding", "delta_requests", "delta_prompt_tokens", "delta_decode_tokens",
-          "traffic_share")
+          "traffic_share", "peers_in_transit")
 if list(ReplicaSnapshot._fields) != ["replica_id", *_PUBLISHED, *_LOCAL]:
     raise TypeError("RouterAccounting.snapshot builds ReplicaSnapshot positionally: update it with the fields")
 
@@ -111,15 +118,47 @@ def _checked_values(stats: Mapping[str, Any] | None) -> tuple | None:
 _new_snapshot = tuple.__new__
 
 
+def _coarse(value: float) -> float:
+    """``value`` on a grid of 1/16 of its power of two (within 1/16 of it): the in-transit estimate moves with
+    every decision, and a snapshot is reused only while it holds the same value; the spread it sets needs no
+    finer."""
+    if value <= 0.0:
+        return 0.0
+    mantissa, exponent = math.frexp(value)
+    return math.ldexp(round(mantissa * 16) / 16, exponent)
+
+
+MAX_PEER_BOOKINGS = 4096  # per replica; far above what arrives between two publications at any rate we serve
+
+
 class RouterAccounting:
     def __init__(self, share: ShareParams | None = None) -> None:
         self.share = TrafficShare(share)
+        self.transit = InTransit()
         self._routed: dict[str, deque[_Routed]] = {}  # replica -> this router's unfinished requests, by time
         self._where: dict[str, str] = {}  # request id -> replica id
         self._parsed: dict[str, tuple[object, tuple | None]] = {}  # replica -> (last stats object, parsed)
         # replica -> (the stats object it was built from, its last snapshot); dropped when the replica's
         # queue changes, so a hit is exact. Between refreshes most replicas see no change between requests.
         self._last: dict[str, tuple[object, ReplicaSnapshot]] = {}
+        # replica -> peers' bookings (routed_time, prompt_tokens, decode_tokens) not yet covered by its stats
+        self._peers: dict[str, deque[tuple[float, int, float]]] = {}
+
+    def on_peer_routed(self, replica_id: str, *, at: float, prompt_tokens: int, decode_tokens: float,
+                       now: float) -> None:
+        """A peer router sent a request to ``replica_id`` at ``at`` (its clock), and the booking arrived here at
+        ``now``; counted in the deltas until the replica's stats pass ``at``."""
+        self.transit.on_booking(at, now)
+        queue = self._peers.get(replica_id)
+        if queue is None:
+            queue = self._peers[replica_id] = deque(maxlen=MAX_PEER_BOOKINGS)
+        queue.append((at, prompt_tokens, decode_tokens))
+        self._last.pop(replica_id, None)
+        self.share.on_sent(replica_id, at)
+
+    def num_peer_bookings(self) -> int:
+        """Peer bookings held (tests: bounded)."""
+        return sum(map(len, self._peers.values()))
 
     def on_routed(self, request_id: str, replica_id: str, *, now: float, prompt_tokens: int, decode_tokens: float) -> None:
         queue = self._routed.get(replica_id)
@@ -129,6 +168,7 @@ class RouterAccounting:
         self._where[request_id] = replica_id
         self._last.pop(replica_id, None)
         self.share.on_sent(replica_id, now)
+        self.transit.on_sent(now)
 
     def on_finished(self, request_id: str) -> str | None:
         """Forget a finished request; returns the replica it was on (None if unknown)."""
@@ -150,6 +190,7 @@ class RouterAccounting:
     def on_replica_removed(self, replica_id: str) -> list[str]:
         """Drop a dead replica's accounting; returns the request ids that were in flight there."""
         queue = self._routed.pop(replica_id, deque())
+        self._peers.pop(replica_id, None)
         self._parsed.pop(replica_id, None)
         self._last.pop(replica_id, None)
         self.share.forget(replica_id)
@@ -169,14 +210,16 @@ class RouterAccounting:
         """``snapshot`` of every (replica id, stats) pair, in order (one call per routing decision).
 
         ``on_new_stats(replica_id, stats)`` is called once per new, valid publication (before its snapshot is
-        built). A share learned from it applies from the next call: this call's snapshots share one value.
+        built). A share (or in-transit estimate) learned from it applies from the next call: this call's snapshots
+        share one value.
         """
         out = []
-        last_of, parsed_of, routed = self._last, self._parsed, self._routed
+        last_of, parsed_of, routed, peers_of = self._last, self._parsed, self._routed, self._peers
         share = self.share.share
+        transit = _coarse(self.transit.value)
         for replica_id, stats in published:
             last = last_of.get(replica_id)
-            if last is not None and last[0] is stats and last[1][-1] == share:
+            if last is not None and last[0] is stats and last[1][-2] == share and last[1][-1] == transit:
                 out.append(last[1])
                 continue
             queue = routed.get(replica_id, ())
@@ -191,7 +234,7 @@ class RouterAccounting:
                     self._observe(replica_id, stats, values[_STATS_TIME], on_new_stats)
             if values is None:
                 snap = ReplicaSnapshot(replica_id=replica_id, stats_known=False, local_outstanding=len(queue),
-                                       traffic_share=share)
+                                       traffic_share=share, peers_in_transit=transit)
             else:
                 since = values[_STATS_TIME]
                 n = prompt = 0
@@ -204,9 +247,19 @@ class RouterAccounting:
                         n += 1
                         prompt += prompt_tokens
                         decode += decode_tokens
+                peers = peers_of.get(replica_id)
+                if peers:
+                    while peers and peers[0][0] < since:
+                        peers.popleft()  # the stats include it
+                    # (a booking that arrived out of time order can sit behind a newer one: counted only if new)
+                    for at, prompt_tokens, decode_tokens in peers:
+                        if at >= since:
+                            n += 1
+                            prompt += prompt_tokens
+                            decode += decode_tokens
                 # tuple.__new__: the named tuple's own __new__ is a Python function around exactly this call
                 snap = _new_snapshot(ReplicaSnapshot, (replica_id, *values, True, len(queue), n, prompt, decode,
-                                                       share))
+                                                       share, transit))
             last_of[replica_id] = (stats, snap)
             out.append(snap)
         return out
@@ -216,5 +269,6 @@ class RouterAccounting:
         received = published_received(stats)
         if received is not None:
             self.share.on_published(replica_id, stats_time, received)
+        self.transit.on_tick(stats_time)  # peers silent since: their rate decays
         if on_new_stats is not None:
             on_new_stats(replica_id, stats)

@@ -21,11 +21,13 @@ Ray resolves the call's arguments before routing, so ``choose_replicas`` reads t
 
 Lifecycle hooks (verified in ray/serve/_private/router.py, 2.60):
   * ``choose_replicas`` *reserves* its first choice: ``policy.on_routed`` and ``RouterAccounting.on_routed``
-    run at once, as in the simulator. Why: Ray calls ``on_request_routed`` only after the replica accepted
-    (a round trip later), and requests arriving together would otherwise all be ranked on the same state and
-    herd onto one replica (round_robin sent four in a row to one replica under a burst). A request ranked
-    again (every replica rejected it) first releases its reservation; one never routed releases it after
-    ``RESERVATION_TTL_S``.
+    run at once, as in the simulator, with the prompt tokens the policy expects to compute there (sal: net of
+    its prefix credit, ``uncached_prompt_tokens``; the simulator records the same). Why: Ray calls
+    ``on_request_routed`` only after the replica accepted (a round trip later), and requests arriving
+    together would otherwise all be ranked on the same state and herd onto one replica (round_robin sent four
+    in a row to one replica under a burst). A request ranked again (every replica rejected it) first releases
+    its reservation; one never routed releases it after ``RESERVATION_TTL_S``. (A booking sent to the peers
+    for a reservation that is released stays with them until the stats pass it: a hint, as every booking.)
   * ``on_request_routed(pending_request, replica_id, result)``: called once the replica *accepted* the request
     (rejection protocol). The reservation becomes the routed request; if Ray used another replica than the
     reserved one, the accounting moves there and the policy hears ``on_routed`` for the replica actually used
@@ -44,12 +46,20 @@ Lifecycle hooks (verified in ray/serve/_private/router.py, 2.60):
     (which carries the replicas' latest routing stats): it records each new publication's delivery delay,
     ``time.time() - stats_time`` (``delivery_delays``, bounded), which sets the simulator's ``stats_delay_s``.
 
-Many routers (one per ingress replica, DESIGN.md §3): nothing crosses between routers except the replicas'
-published stats. New publications reach ``policy.on_stats`` (merging the ``recent_prefix_hashes`` every replica
-publishes, router/feed.py) and the accounting's traffic share (``num_received``, router/share.py), both through
-``RouterAccounting.snapshots``. A router whose peers die or whose stats stop simply sees its share drift and
-falls back to what it knows locally: no peer channel can fail or hang a request. (A request ranked again
-after a rejection counts as sent twice in the share estimate: a small bias toward a larger share.)
+Many routers (one per ingress replica, DESIGN.md §3). Two things cross between them:
+  * the replicas' published stats, every period: new publications reach ``policy.on_stats`` (merging the
+    ``recent_prefix_hashes`` every replica publishes, router/feed.py) and the accounting's traffic share
+    (``num_received``, router/share.py), both through ``RouterAccounting.snapshots``;
+  * peer bookings (router/peers.py), for a policy whose params say ``peer_bookings``: every request this router
+    books (``_book``) is posted to the ingress's link (deploy/peer_link.py: UDP to every other ingress
+    replica), and what the peers' routers booked arrives through ``_peer_bookings`` (the link's receiver
+    thread) and is applied on this router's loop (``_apply_peers``): their sends count in the deltas until the
+    stats include them, and their lag feeds the in-transit estimate. The lags are logged with the delivery
+    delays ("peer bookings applied N (total T): lag median ...").
+A router whose peers die or fall silent sees its traffic share drop and falls back to scaling what it knows;
+nothing between routers is ever awaited on the request path, so nothing there can fail or hang a request.
+(A request ranked again after a rejection counts as sent twice in the share estimate: a small bias toward a
+larger share.)
 
 No ``FIFOMixin``: with it, a replica found for one request is handed to the *oldest* pending request, so a
 decision made for this request's tokens and prefix would serve another. Without it Ray matches the chosen
@@ -88,7 +98,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from halffull.prefix_hash import hash_token_blocks
-from halffull.router import completions
+from halffull.router import completions, peers
 from halffull.router.accounting import RouterAccounting
 from halffull.router.estimate import OutputLengthEstimator
 from halffull.router.registry import make_policy
@@ -193,6 +203,7 @@ class HalffullRequestRouter(RequestRouter):
         self._last_error_log = -_LOG_EVERY_S
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop routing runs on (set on first call)
         completions.register(self)
+        peers.register(self)
 
     def initialize_state(self, policy: str = "sal", policy_params: Mapping[str, Any] | None = None,
                          seed: int | None = None, max_stats_age_s: float | None = MAX_STATS_AGE_S,
@@ -226,6 +237,12 @@ class HalffullRequestRouter(RequestRouter):
         self._last_delay_log = time.monotonic()
         self._delay_log_every_s = float(os.environ.get(DELAY_LOG_ENV, DELAY_LOG_EVERY_S))
         self.counts_observed = 0  # completions whose output count reached the policy
+        # Deltas are net of the cache hits the policy expects (sal), as in the simulator; others: whole prompt.
+        self._uncached = getattr(self.policy, "uncached_prompt_tokens", None) or (lambda v, rid: v.num_prompt_tokens)
+        self._shares = peers.shares_bookings(self.policy)  # broadcast bookings and take the peers' (router/peers.py)
+        self.peer_lags: deque[float] = deque(maxlen=_MAX_DELAYS)  # seconds from a peer's decision to applying it
+        self.peer_bookings_applied = 0
+        self._peer_lags_logged = 0
 
     # ---- routing ---------------------------------------------------------------------------------------
     async def choose_replicas(
@@ -283,10 +300,17 @@ class HalffullRequestRouter(RequestRouter):
         return ranked
 
     def _reserve(self, internal_id: str, view: RequestView, replica_id: str, now: float) -> None:
-        self.policy.on_routed(view, replica_id, now=now)
-        self.accounting.on_routed(internal_id, replica_id, now=now, prompt_tokens=view.num_prompt_tokens,
-                                  decode_tokens=self._expected_decode(view))
+        self._book(internal_id, view, replica_id, now)
         self._reserved[internal_id] = _Reserved(replica_id, now)
+
+    def _book(self, internal_id: str, view: RequestView, replica_id: str, now: float) -> None:
+        """Account for a request sent to ``replica_id``, in the policy, the accounting and the peers' view."""
+        prompt = self._uncached(view, replica_id)  # (before on_routed, which inserts the request's own prefix)
+        decode = self._expected_decode(view)
+        self.policy.on_routed(view, replica_id, now=now)
+        self.accounting.on_routed(internal_id, replica_id, now=now, prompt_tokens=prompt, decode_tokens=decode)
+        if self._shares:
+            peers.post(peers.booking(replica_id, now, prompt, decode, view.prefix_hashes))
 
     def _release(self, internal_id: str) -> Optional[_Reserved]:
         reserved = self._reserved.pop(internal_id, None)
@@ -309,9 +333,7 @@ class HalffullRequestRouter(RequestRouter):
             reserved = self._reserved.get(internal_id)
             if reserved is None or reserved.replica_id != rid:
                 self._release(internal_id)  # Ray used another tier: the accounting moves there
-                self.policy.on_routed(view, rid, now=now)
-                self.accounting.on_routed(internal_id, rid, now=now, prompt_tokens=view.num_prompt_tokens,
-                                          decode_tokens=self._expected_decode(view))
+                self._book(internal_id, view, rid, now)
             self._reserved.pop(internal_id, None)
             self._inflight[internal_id] = _InFlight(rid, view.request_id or internal_id, view.num_prompt_tokens)
         except Exception:
@@ -346,6 +368,25 @@ class HalffullRequestRouter(RequestRouter):
         count = completions.take_note(request_id)
         if count is not None:
             self._finish(request_id, waiting.replica_id, waiting.num_prompt_tokens, count, time.time())
+
+    def _peer_bookings(self, batch: list) -> None:
+        """Peers' bookings arrived (router/peers.py ``deliver``, on the link's receiver thread): applied on our
+        loop. Before this router's first decision it has no loop yet, and knows no replica to apply them to."""
+        loop = self._loop
+        if self._shares and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._apply_peers, batch)
+
+    def _apply_peers(self, batch: list) -> None:
+        try:
+            now = time.time()
+            known = self._replica_ids
+            self.peer_bookings_applied += peers.apply(batch, self.accounting, self.policy, now, known.__contains__)
+            lags = self.peer_lags
+            for b in batch:
+                if type(b) is tuple and len(b) == 5 and type(b[1]) is float and b[0] in known:
+                    lags.append(now - b[1])
+        except Exception:
+            self._log_error("halffull router: applying peer bookings failed")
 
     def _expire_awaiting(self) -> None:
         deadline = time.time() - COMPLETION_GRACE_S
@@ -403,6 +444,15 @@ class HalffullRequestRouter(RequestRouter):
         logger.info("halffull router: stats delivery delay over %d publications: median %.4f p90 %.4f max %.4f s; "
                     "output counts observed %d; ms: %s", new, ordered[new // 2], ordered[min(new - 1, int(0.9 * new))],
                     ordered[-1], self.counts_observed, sample)
+        lags = min(self.peer_bookings_applied - self._peer_lags_logged, len(self.peer_lags))
+        self._peer_lags_logged = self.peer_bookings_applied
+        if lags >= 1:
+            recent = list(self.peer_lags)[-lags:]
+            ordered = sorted(recent)
+            logger.info("halffull router: peer bookings applied %d (total %d): lag median %.4f p90 %.4f max %.4f s; "
+                        "in transit %.3f; ms: %s", lags, self.peer_bookings_applied, ordered[lags // 2],
+                        ordered[min(lags - 1, int(0.9 * lags))], ordered[-1], self.accounting.transit.value,
+                        " ".join(str(round(d * 1000, 1)) for d in recent[-_DELAY_LOG_SAMPLE:]))
 
     def _forget(self, replica_ids: Iterable[str]) -> None:
         for rid in replica_ids:

@@ -7,7 +7,8 @@ information?"). ``share`` lets a policy scale its deltas by 1/share and know whe
 Estimate. For replica r, two consecutive publications (t1, n1) and (t2, n2) (``stats_time``,
 ``num_received``) give one sample:
 
-    mine_r  = this router's sends to r with t1 < send time <= t2
+    mine_r  = the sends to r this router knows of with t1 < send time <= t2: its own, and its peers' bookings
+              (router/peers.py; ``on_sent`` is called for both), so with every booking arriving share ~ 1
     total_r = n2 - n1                                   (every router's sends that r received in between)
 
 and the share is a decayed ratio over all samples of all replicas:
@@ -15,8 +16,8 @@ and the share is a decayed ratio over all samples of all replicas:
     M <- decay * M + mine_r,   T <- decay * T + total_r
     share = clamp(M / T, min_share, 1)   once T >= min_total, else 1.0 (alone until shown otherwise)
 
-It follows autoscaling of the ingress (more routers -> smaller share) within a few stats periods, needs no
-peer channel, and crosses processes only through the stats (with their delay). Send times and ``stats_time``
+It follows autoscaling of the ingress (more routers -> smaller share) within a few stats periods and needs no
+peer channel (a router whose peers fall silent sees it drop to its own share). Send times and ``stats_time``
 are wall-clock seconds from different processes: a send that is still in flight at ``t2`` counts as mine but
 not yet as received, a bias of one request per sample that the decayed sums average out.
 

@@ -51,6 +51,10 @@ class ReplicaSnapshot(NamedTuple):
       traffic_share                    this router's estimated share of the fleet's traffic, in (0, 1]
                                        (router/share.py; 1.0 = alone or not yet known): with N routers the
                                        others send about (1/share - 1) times this router's deltas
+                                       (peers' bookings count as known: about 1 when they all arrive)
+      peers_in_transit                 how many peers' decisions one of this router's decisions cannot see
+                                       (made within the peers' booking lag of it; router/peers.py
+                                       ``InTransit``, learned from the bookings that arrive); 0 without peers
     ``stats_known`` is False when the replica published nothing usable; policies then fall back to
     request counts from local accounting.
     """
@@ -72,6 +76,7 @@ class ReplicaSnapshot(NamedTuple):
     delta_prompt_tokens: int = 0
     delta_decode_tokens: float = 0.0
     traffic_share: float = 1.0
+    peers_in_transit: float = 0.0
 
     @property
     def outstanding_requests(self) -> int:

@@ -21,3 +21,8 @@ def test_the_index_footprint_fills_the_index_to_its_bound():
     assert full["pairs"] == 500
     assert full["bytes_per_pair"] > 36  # at least the hash int itself
     assert full["insert_us_per_pair"] > 0
+
+
+def test_the_whole_decision_runs_alone_and_with_peers():
+    assert bench.decision(n=8, calls=700, peers=False) > 0
+    assert bench.decision(n=8, calls=700, peers=True) > 0

@@ -129,6 +129,35 @@ def test_multiple_routers_each_see_only_their_own_deltas():
     assert len({id(r.policy) for r in sim.routers}) == 2
 
 
+@pytest.mark.parametrize("router, params, shares", [
+    ("sal", {}, True), ("prefix_aware", {}, True), ("sal", {"peer_bookings": False}, False), ("pow2", {}, False),
+])
+def test_peer_bookings_reach_the_other_routers_after_the_peer_delay(router, params, shares):
+    cfg = ClusterConfig(num_replicas=2, router=router, router_params=params, num_routers=3, peer_delay_s=0.004)
+    sim = ClusterSim(cfg)
+    seen = []
+    apply = sim.deliver_peers
+
+    def spy(t):
+        seen.extend(due for due, _, _ in sim.peer_transit if due <= t)
+        apply(t)
+
+    sim.deliver_peers = spy
+    sim.run(poisson_trace(300, 40.0, seed=5))
+    lags = [r.accounting.transit.lag for r in sim.routers]
+    if shares:
+        assert lags == pytest.approx([0.004] * 3)  # every router applied bookings, each exactly the delay late
+        assert len(seen) >= 250 and all(r.accounting.transit.value > 0 for r in sim.routers)
+    else:
+        assert lags == [None] * 3 and not sim.peer_transit and not seen
+
+
+def test_one_router_sends_no_bookings():
+    sim = ClusterSim(ClusterConfig(num_replicas=2, router="sal", num_routers=1))
+    sim.run(poisson_trace(100, 40.0, seed=5))
+    assert not sim.routers[0].shares and sim.routers[0].accounting.transit.lag is None
+
+
 def test_traces_are_fitted_to_the_context():
     cfg = ClusterConfig(num_replicas=2)
     tr = load_trace_for(cfg, "mooncake_conv", limit=200)

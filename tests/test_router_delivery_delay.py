@@ -77,3 +77,32 @@ def test_stats_reach_the_router_within_a_control_loop_or_two(ray_cluster):
           f"min {min(delays):.3f} median {statistics.median(delays):.3f} mean {statistics.mean(delays):.3f} "
           f"p90 {q[17]:.3f} p95 {q[18]:.3f} max {max(delays):.3f} s")
     assert 0 < statistics.median(delays) < PERIOD_S + 1.0
+
+
+PEER_LINE = re.compile(r"halffull router: peer bookings applied (\d+) \(total \d+\): .*; ms: ([\d. ]+)")
+PEER_APP = "peerlag"
+
+
+def peer_lags(app: str) -> list[float]:
+    """Lags (s) from a peer's decision to this router applying its booking, as the routers of ``app`` log them."""
+    return [float(x) / 1000 for m in ingress_log_matches(app, PEER_LINE) for x in m.group(2).split()]
+
+
+def test_peer_bookings_reach_the_other_routers_within_milliseconds(ray_cluster):
+    """The simulator's ``peer_delay_s`` (loadtest/sim/cluster.py ``PEER_DELAY_S``): 4 ingress replicas, so 4 routers
+    broadcasting their bookings to each other (deploy/peer_sender.py), each logging the lag of those it applies."""
+    url = ray_cluster.deploy(PEER_APP, {"num_replicas": 2, "ingress_replicas": 4, "router": "sal", "router_seed": 1,
+                                        "speedup": 4.0, "stats_period_s": PERIOD_S})
+    try:
+        ok = load(url, LOAD_S)
+        time.sleep(6.0)
+    finally:
+        ray_cluster.delete(PEER_APP)
+    lags = peer_lags(PEER_APP)
+    assert ok > 0 and len(lags) >= 50, (ok, len(lags))
+    q = statistics.quantiles(lags, n=20)
+    print(f"\npeer booking lag, 4 ingress replicas, {ok} requests in {LOAD_S:.0f}s, {len(lags)} bookings applied "
+          f"(the last {len(lags)} logged): min {min(lags) * 1000:.2f} median {statistics.median(lags) * 1000:.2f} "
+          f"mean {statistics.mean(lags) * 1000:.2f} p90 {q[17] * 1000:.2f} p95 {q[18] * 1000:.2f} "
+          f"max {max(lags) * 1000:.2f} ms")
+    assert statistics.median(lags) < 0.5

@@ -2,19 +2,22 @@
 
 * the replicas publish their received-requests feed (``num_received``, ``recent_prefix_hashes``) and the
   routers learn from it (traffic share, published prefixes);
+* the ingress replicas find each other (hellos over Serve) and carry every router's bookings to the others
+  over UDP (deploy/peer_link.py), and the routers apply them (router/peers.py);
 * killing one ingress replica mid-load: requests on the others are unaffected; its own clients get a clean
-  error (or their request served elsewhere), never a hang.
+  error (or their request served elsewhere), never a hang (the others' bookings to it are simply lost).
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.serve_support import replica_actor
+from tests.serve_support import ingress_log_matches, replica_actor, wait_until
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -53,6 +56,32 @@ def test_replicas_publish_the_received_feed(app):
     assert sum(s["num_received"] for s in published) >= 12
     assert all(isinstance(h, int) for s in published for h in s["recent_prefix_hashes"])
     assert any(s["recent_prefix_hashes"] for s in published)
+
+
+APPLIED = re.compile(r"halffull router: peer bookings applied \d+ \(total (\d+)\)")
+
+
+def test_ingress_replicas_carry_each_others_bookings(app):
+    from ray import serve
+
+    with httpx.Client(base_url=app, timeout=30) as http:
+        for i in range(40):
+            assert complete(http, i).status_code == 200
+
+    def links() -> list[dict]:
+        return [r["peer_link"] for r in serve.get_app_handle(APP).broadcast("load").results(timeout_s=10)]
+
+    # every link knows the three others (hellos), and what was booked went out and arrived, all with our tokens
+    wait_until(lambda: all(link["peers"] == 3 for link in links()), 20.0, message="the ingress replicas to know each other")
+    found = links()
+    assert len(found) == 4 and sum(link["bookings_sent"] for link in found) >= 40, found
+    wait_until(lambda: sum(link["datagrams_received"] for link in links()) >= 40, 10.0, message="the datagrams")
+    assert all(link["datagrams_dropped"] == 0 for link in links())
+
+    def applied() -> int:  # the largest running total a router logged (every 5 s here: tests/serve_support.py)
+        return max((int(m.group(1)) for m in ingress_log_matches(APP, APPLIED)), default=0)
+
+    wait_until(lambda: applied() >= 5, 20.0, message="a router to log the peer bookings it applied")
 
 
 def test_killing_one_ingress_replica_mid_load_never_hangs_a_request(app):

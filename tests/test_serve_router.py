@@ -386,3 +386,50 @@ def test_a_reservation_never_routed_expires():
         assert "internal-gone" not in router._reserved and router.accounting.outstanding("a") == 1
 
     run(main())
+
+
+def test_the_first_choice_is_booked_with_the_peers_net_of_its_prefix_credit():
+    from halffull.router import peers
+
+    sent: list[list] = []
+    peers.attach_sender(sent.append)
+    try:
+        async def main():
+            router = make_router("sal")
+            a = FakeReplica("a")
+            router.update_replicas([a])
+            await router.choose_replicas([a], pending(ROUTING, "r1"))
+            await asyncio.sleep(0)  # the booking goes out after the decision's loop step
+            again = routing_kwarg("req-2", list(range(300, 400)), 32, prefix_block_size=16)  # same prompt
+            await router.choose_replicas([a], pending(again, "r2"))
+            await asyncio.sleep(0)
+            return router
+
+        router = run(main())
+        (first,), (second,) = sent
+        assert (first[0], first[2], first[4]) == ("a", 100, tuple(hash_token_blocks(list(range(300, 400)), 16)))
+        assert second[2] == 4  # 96 of its 100 tokens are a prefix "a" was sent: what the router records too
+        assert router.accounting.snapshot("a", published()).delta_prompt_tokens == 104
+        assert run(_in_loop(lambda: make_router("pow2")._shares)) is False  # Ray's default shares nothing
+    finally:
+        peers.detach_sender()
+
+
+def test_peers_bookings_are_applied_on_the_routers_loop_for_known_replicas_only():
+    from halffull.router import peers
+
+    async def main():
+        router = make_router("sal")
+        a = FakeReplica("a")
+        router.update_replicas([a])
+        await router.choose_replicas([a], pending(ROUTING, "r1"))  # the router learns its loop
+        now = time.time()
+        peers.deliver([("a", now, 700, 50.0, (1, 2)), ("elsewhere", now, 700, 50.0, ()), ("a", "bad", 1, 1.0, ())])
+        await asyncio.sleep(0.05)
+        return router
+
+    router = run(main())
+    assert router.peer_bookings_applied == 1 and len(router.peer_lags) == 1
+    snap = router.accounting.snapshot("a", published())
+    assert snap.delta_requests == 2 and snap.delta_prompt_tokens == 800
+    assert router.policy.index.match((1, 2)) == {"a": 2}

@@ -16,7 +16,11 @@ the median over repeats of total time / calls, in wall time (``time.perf_counter
 time (``time.process_time``: what the call costs when other processes load the machine, as on a shared dev
 box). The target is < 50 µs per call at 64 replicas.
 
-Also printed: the memory of a full prefix index (``index_footprint``: distinct 25-block prompts over 4 replicas,
+Also printed: the whole decision of one ``sal`` router (``decision``: ``RouterAccounting.snapshots`` over published
+stats refreshed every 100 calls, ``choose``, and the hooks of the routed request), alone and with peers' bookings
+(3 per call, 1.2 ms late, 200 requests/s), CPU µs per call at 64 replicas: with peers every snapshot holds the
+in-transit estimate, the pick draws among the near-best, and the replicas a booking touched are rebuilt. And
+the memory of a full prefix index (``index_footprint``: distinct 25-block prompts over 4 replicas,
 ``tracemalloc``, the hash ints included since the index keeps the request's), which a long-running ingress
 reaches (the soak's RSS check), and the time per inserted pair.
 
@@ -129,6 +133,43 @@ def run(
     ]
 
 
+def _published(t: float, rng: random.Random, n: int) -> list[tuple[str, dict]]:
+    return [(f"replica-{i}", {
+        "num_running": rng.randint(0, 64), "num_waiting": rng.randint(0, 16),
+        "num_waiting_prompt_tokens": rng.randint(0, 20_000), "num_decode_tokens_remaining": rng.uniform(0, 30_000),
+        "num_free_blocks": rng.randint(0, 2048), "num_total_blocks": 2048, "block_size": 16,
+        "decode_cost_ratio": rng.uniform(0.5, 4.0), "num_preemptions": 0, "stats_time": t, "num_received": 100,
+    }) for i in range(n)]
+
+
+def decision(n: int = 64, calls: int = 3000, peers: bool = False, seed: int = 0) -> float:
+    """CPU µs per routing decision of one ``sal`` router (module docstring), after 500 warm-up calls."""
+    from halffull.router.accounting import RouterAccounting
+
+    rng = random.Random(seed)
+    requests = make_requests(calls, rng)
+    accounting, policy = RouterAccounting(), make_policy("sal")
+    published, t, samples = _published(0.0, rng, n), 1.0, []
+    for k, view in enumerate(requests):
+        t += 0.005
+        if k % 100 == 0:  # a publication every 0.5 s, 0.11 s late
+            published = _published(t - 0.11, rng, n)
+        if peers:
+            for _ in range(3):
+                accounting.on_peer_routed(f"replica-{rng.randrange(n)}", at=t - 0.0012, prompt_tokens=2000,
+                                          decode_tokens=200.0, now=t)
+        start = time.process_time_ns()
+        tiers = policy.choose(view, accounting.snapshots(published, policy.on_stats), now=t, rng=rng)
+        replica = tiers[0][0]
+        policy.on_routed(view, replica, now=t)
+        accounting.on_routed(view.request_id, replica, now=t, prompt_tokens=view.num_prompt_tokens,
+                             decode_tokens=200.0)
+        samples.append(time.process_time_ns() - start)
+        if k >= 20:
+            accounting.on_finished(requests[k - 20].request_id)
+    return statistics.fmean(samples[500:]) / 1000.0
+
+
 def index_footprint(max_entries: int = 65536, blocks: int = 25, replicas: int = 4, seed: int = 0) -> dict:
     """Bytes per (hash, replica) pair and µs per inserted pair of a ``PrefixIndex`` filled to its bound with
     distinct prompts of ``blocks`` blocks (the soak's traffic: nothing shared, so every block is a new pair)."""
@@ -178,6 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     entries = {row["replicas"]: row["index_entries"] for row in rows if row["index_entries"]}
     if entries:
         print("prefix index entries after warm-up, by replica count:", entries)
+    alone, shared = decision(peers=False), decision(peers=True)
+    print(f"a sal router's whole decision at 64 replicas (snapshots + choose + hooks), CPU time: alone "
+          f"{alone:.1f} µs, with peers' bookings {shared:.1f} µs")
     full = index_footprint()
     print(f"prefix index, full ({full['pairs']:,} pairs of distinct 25-block prompts): "
           f"{full['bytes_per_pair'] * full['pairs'] / 1e6:.1f} MB, {full['bytes_per_pair']:.0f} bytes per pair; "

@@ -3,8 +3,8 @@
     python -m halffull.loadtest.experiments.routers [--out docs/results] [--jobs 1] [--limit 6000]
                                                     [--routers 1,2,4,8,16] [--no-ablations]
 
-Setups (H100, llama3-8b, fcfs, stats period 0.5 s delivered ``STATS_DELAY_S`` later, seed 0, first
-``limit`` requests):
+Setups (H100, llama3-8b, fcfs, stats period 0.5 s delivered ``STATS_DELAY_S`` later, peer bookings
+``PEER_DELAY_S`` later, seed 0, first ``limit`` requests):
 
     azure4      Azure conversation x14, 4 replicas
     azure16     Azure conversation x40, 16 replicas
@@ -14,7 +14,8 @@ For each setup and each number of routers, one run per policy with default param
 routers) switch off one mechanism of sal at a time. Writes ``routers.csv`` (one row per run),
 ``routers_table.md`` (the table, ratios to pow2 at the same N), ``routers_ratio.png`` (sal ÷ pow2, p99 and
 mean TTFT, by N) and ``routers_traffic.md`` (what the published feed adds to the stats, per publication and per
-request, from the JSON size of the simulator's publications, sal with 8 routers). docs/results/routers.md holds
+request, from the JSON size of the simulator's publications, and the peer bookings' datagrams, sal with 8
+routers). docs/results/routers.md holds
 them with the commentary.
 """
 
@@ -27,51 +28,69 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 
 from halffull.loadtest.sim.cluster import ClusterConfig, ClusterSim, load_trace_for
+from halffull.router import peers
 from halffull.router.feed import NUM_RECEIVED, RECENT_PREFIX_HASHES
+
+_TOKEN = "0" * 32  # a receiver's token as the link sends it (128 bits, hex)
 
 SETUPS = {
     "azure4": ("azure_conv", 14.0, 4),
     "azure16": ("azure_conv", 40.0, 16),
     "mooncake4": ("mooncake_conv", 4.5, 4),
 }
-ABLATIONS = {  # label -> sal params (each switches one mechanism off)
-    "sal, single-router rule (K=1, no spread, local prefixes)": {"delta_scale": 1.0, "spread": 0.0,
-                                                                "use_published_prefixes": False},
-    "sal, no share-scaled deltas (K=1)": {"delta_scale": 1.0},
-    "sal, no water-filled pick (spread 0)": {"spread": 0.0},
-    "sal, no published prefixes": {"use_published_prefixes": False},
-    "sal + power of 2 (sample_size 2)": {"sample_size": 2},
-    "sal, spread among all prefix holders (spread_pool holders)": {"spread_pool": "holders"},
+SERVE_BROADCAST_LAG_S = 0.010  # peer bookings over a Serve broadcast per batch: measured median (deploy/peer_link.py)
+ABLATIONS = {  # label -> (sal params, cluster overrides): each switches one mechanism off
+    "sal, single-router rule (no bookings, K=1, no spread, local prefixes)": (
+        {"peer_bookings": False, "delta_scale": 1.0, "spread": 0.0, "use_published_prefixes": False}, {}),
+    "sal, no peer bookings (stats only: share-scaled deltas, water-filled pick)": ({"peer_bookings": False}, {}),
+    "sal, no peer bookings, no share-scaled deltas (K=1)": ({"peer_bookings": False, "delta_scale": 1.0}, {}),
+    "sal, peer bookings at a Serve broadcast's lag (10 ms)": ({}, {"peer_delay_s": SERVE_BROADCAST_LAG_S}),
+    "sal, no in-transit spread (spread 0)": ({"spread": 0.0}, {}),
+    "sal, no published prefixes": ({"use_published_prefixes": False}, {}),
+    "sal + power of 2 (sample_size 2)": ({"sample_size": 2}, {}),
+    "sal, spread among all prefix holders (spread_pool holders)": ({"spread_pool": "holders"}, {}),
 }
 FIELDS = ("setup", "routers", "label", "ttft_p99", "ttft_mean", "prefix_hit_rate", "throughput_rps")
 
 
 def plan(routers: list[int], ablations: bool) -> list[tuple]:
-    """(setup, N, label, router, params) of every run."""
+    """(setup, N, label, router, params, cluster overrides) of every run."""
     runs = []
     for setup in SETUPS:
         policies = ["pow2", "sal"] + (["prefix_aware"] if setup.startswith("mooncake") else [])
         for n in routers:
-            runs += [(setup, n, p, p, {}) for p in policies]
+            runs += [(setup, n, p, p, {}, {}) for p in policies]
         if ablations:
-            runs += [(setup, 8, label, "sal", params) for label, params in ABLATIONS.items()]
+            runs += [(setup, 8, label, "sal", params, over) for label, (params, over) in ABLATIONS.items()]
     return runs
 
 
 def run_one(args: tuple) -> dict:
-    setup, n, label, router, params, limit = args
+    setup, n, label, router, params, over, limit = args
     trace, scale, replicas = SETUPS[setup]
-    cfg = ClusterConfig(num_replicas=replicas, router=router, router_params=params, num_routers=n)
+    cfg = ClusterConfig(num_replicas=replicas, router=router, router_params=params, num_routers=n, **over)
     summary = ClusterSim(cfg).run(load_trace_for(cfg, trace, rate_scale=scale, limit=limit)).summary
     return {"setup": setup, "routers": n, "label": label} | {k: summary[k] for k in FIELDS[3:]}
 
 
 class _MeteredSim(ClusterSim):
-    """A ClusterSim that measures the JSON size of every publication, with and without the feed keys."""
+    """A ClusterSim that measures the JSON size of every publication, with and without the feed keys, and of
+    every peer booking as the live link sends it (one booking per datagram: the most datagrams and bytes, since
+    live bookings posted in the same loop step share one)."""
 
     def __init__(self, cfg: ClusterConfig):
         super().__init__(cfg)
-        self.meter = {"publications": 0, "stats_bytes": 0, "feed_bytes": 0, "hashes": 0}
+        self.meter = {"publications": 0, "stats_bytes": 0, "feed_bytes": 0, "hashes": 0, "bookings": 0,
+                      "booking_bytes": 0}
+
+    def route(self, tr, index: int) -> str:
+        transit = self.peer_transit
+        last = transit[-1] if transit else None
+        replica_id = super().route(tr, index)
+        if transit and transit[-1] is not last:  # this decision's booking (route adds at most one)
+            self.meter["bookings"] += 1
+            self.meter["booking_bytes"] += len(peers.encode(_TOKEN, [transit[-1][2]]))
+        return replica_id
 
     def publish(self, now: float) -> None:
         super().publish(now)
@@ -86,10 +105,13 @@ class _MeteredSim(ClusterSim):
 
 
 def traffic(setup: str, n: int, limit: int) -> dict:
-    """Cross-router traffic of sal with ``n`` routers: what the feed adds to the stats every router receives.
+    """Cross-router traffic of sal with ``n`` routers: what the feed adds to the stats every router receives,
+    and the peer bookings.
 
-    Nothing else crosses between routers. Each publication of each replica reaches each of the ``n`` routers
-    (Serve's long-poll broadcast, which exists without the feed): the feed adds no message, only bytes.
+    Each publication of each replica reaches each of the ``n`` routers (Serve's long-poll broadcast, which exists
+    without the feed): the feed adds no message, only bytes. Each routed request's booking goes to the ``n - 1``
+    other routers: at most ``n - 1`` datagrams per request (fewer when bookings share a datagram), plus each
+    link's hello, a Serve broadcast to the ``n`` ingress replicas every ``HELLO_EVERY_S`` (3 s).
     """
     trace, scale, replicas = SETUPS[setup]
     cfg = ClusterConfig(num_replicas=replicas, router="sal", num_routers=n)
@@ -100,18 +122,22 @@ def traffic(setup: str, n: int, limit: int) -> dict:
     return {"setup": setup, "routers": n, "requests": requests, "publications": pubs,
             "stats_bytes_per_pub": m["stats_bytes"] / pubs, "feed_bytes_per_pub": m["feed_bytes"] / pubs,
             "hashes_per_pub": m["hashes"] / pubs, "feed_bytes_per_request_per_router": m["feed_bytes"] / requests,
-            "deliveries_per_request": pubs * n / requests}
+            "deliveries_per_request": pubs * n / requests,
+            "booking_bytes": m["booking_bytes"] / max(m["bookings"], 1),
+            "datagrams_per_request": m["bookings"] * (n - 1) / requests}
 
 
 def traffic_table(rows: list[dict]) -> str:
     out = ["| setup | routers | publications per request, all routers | stats bytes / publication | of which feed "
-           "| prefix hashes / publication | feed bytes per request, per router | feed bytes per request, all routers |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| prefix hashes / publication | feed bytes per request, per router | feed bytes per request, all routers "
+           "| booking datagrams per request (at most) | bytes per booking datagram |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['setup']} | {r['routers']} | {r['deliveries_per_request']:.2f} | "
                    f"{r['stats_bytes_per_pub']:.0f} | {r['feed_bytes_per_pub']:.0f} | {r['hashes_per_pub']:.1f} | "
                    f"{r['feed_bytes_per_request_per_router']:.0f} | "
-                   f"{r['feed_bytes_per_request_per_router'] * r['routers']:.0f} |")
+                   f"{r['feed_bytes_per_request_per_router'] * r['routers']:.0f} | "
+                   f"{r['datagrams_per_request']:.1f} | {r['booking_bytes']:.0f} |")
     return "\n".join(out) + "\n"
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from halffull.loadtest.progress import Progress
-from halffull.loadtest.sim.cluster import STATS_DELAY_S, ClusterConfig, ClusterSim, config_dict, load_trace_for
+from halffull.loadtest.sim.cluster import PEER_DELAY_S, STATS_DELAY_S, ClusterConfig, ClusterSim, config_dict, load_trace_for
 from halffull.loadtest.sim.metrics import Slo, format_table
 
 
@@ -52,6 +52,8 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-delay", type=float, default=STATS_DELAY_S,
                    help=f"seconds from a stats refresh to the routers seeing it (default {STATS_DELAY_S})")
     p.add_argument("--num-routers", type=int, default=1, help="router instances, each with its own local view")
+    p.add_argument("--peer-delay", type=float, default=PEER_DELAY_S,
+                   help=f"seconds from a routing decision to the other routers seeing its booking (default {PEER_DELAY_S})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slo-ttft", type=float, default=2.0)
     p.add_argument("--slo-tpot", type=float, default=0.1)
@@ -64,7 +66,8 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
         engine_policy=args.engine_policy, engine_params=parse_params(args.engine_param), gpu=args.gpu,
         model=args.model, tp=args.tp, block_size=args.block_size, num_blocks=args.num_blocks,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-        stats_period_s=args.stats_period, stats_delay_s=args.stats_delay, num_routers=args.num_routers, seed=args.seed, jump=not args.no_jump,
+        stats_period_s=args.stats_period, stats_delay_s=args.stats_delay, num_routers=args.num_routers,
+        peer_delay_s=args.peer_delay, seed=args.seed, jump=not args.no_jump,
     )
 
 

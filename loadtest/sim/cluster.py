@@ -19,6 +19,10 @@ Events, in time order (ties: stats refresh, then completions, then the arrival):
   loop, which collects the finished poll and broadcasts it, plus the long poll) is the default: the delay is
   nearly constant (p90 only 10 ms above it), the simulator models one constant delay, and the rare 0.36 s
   outlier (a busy controller loop) would overstate every other delivery if taken as the constant.
+* peer bookings, ``peer_delay_s`` after a routing decision: with ``num_routers`` > 1 and a policy that shares
+  bookings (``peer_bookings``, router/peers.py), the deciding router's booking reaches every other router
+  that much later, as the live ingress replicas broadcast them (deploy/peer_sender.py). Default
+  ``PEER_DELAY_S``, MEASURED on the live Serve path (see its comment).
 * arrival: every replica runs up to the arrival time; completions reach the router that routed them
   (``on_finished`` + local accounting); the arrival's router (round-robin over ``num_routers`` routers, each
   with its own policy state, RNG and accounting, as Serve runs one router per proxy/ingress process) builds
@@ -49,11 +53,18 @@ from halffull.replicas.sim.virtual import SimReplica
 from halffull.router.accounting import RouterAccounting
 from halffull.router.estimate import OutputLengthEstimator
 from halffull.router.feed import ReceivedFeed
+from halffull.router import peers
 from halffull.router.registry import make_policy
 from halffull.router.types import Completion, RequestView
 
 
 STATS_DELAY_S = 0.11  # live delivery delay, measured median (module docstring)
+# Live lag of a peer booking, measured median: from a router's decision (``routed_time``) to another ingress
+# replica's router applying it, over the UDP link (deploy/peer_link.py). tests/test_router_delivery_delay.py
+# (Ray 2.60, this repo's app, 4 ingress replicas, 2 simulated replicas at speedup 4, ~47 requests/s over HTTP for
+# 30 s on the 2-core host; every router logs the lags it applies): over 1,590 logged of ~4,200 applied, min 0.30,
+# median 1.20, mean 1.62, p90 2.90, p95 4.25, max 30.5 ms. (A Serve broadcast per batch instead: median 10.0 ms.)
+PEER_DELAY_S = 0.0012
 
 
 @dataclass(frozen=True)
@@ -75,6 +86,7 @@ class ClusterConfig:
     stats_period_s: float = 0.5
     stats_delay_s: float = STATS_DELAY_S
     num_routers: int = 1
+    peer_delay_s: float = PEER_DELAY_S
     prefix_block_size: int = 512  # router-side prefix hash granularity (the trace's block size)
     seed: int = 0
     jump: bool = True
@@ -82,8 +94,8 @@ class ClusterConfig:
     def __post_init__(self):
         if self.num_replicas < 1 or self.num_routers < 1:
             raise ValueError("num_replicas and num_routers must be >= 1")
-        if self.stats_period_s < 0 or self.stats_delay_s < 0:
-            raise ValueError("stats_period_s and stats_delay_s must be >= 0")
+        if self.stats_period_s < 0 or self.stats_delay_s < 0 or self.peer_delay_s < 0:
+            raise ValueError("stats_period_s, stats_delay_s and peer_delay_s must be >= 0")
 
 
 @dataclass
@@ -123,6 +135,7 @@ class _Router:
         # Deltas are net of the cache hits the policy expects (sal); others record the whole prompt.
         uncached = getattr(self.policy, "uncached_prompt_tokens", None)
         self.uncached_prompt = uncached or (lambda view, replica_id: view.num_prompt_tokens)
+        self.shares = cfg.num_routers > 1 and peers.shares_bookings(self.policy)
 
 
 class ClusterSim:
@@ -149,6 +162,7 @@ class ClusterSim:
         # (replica id, its last delivered stats) per replica, in replica order: what routers snapshot
         self.published: list[tuple[str, dict | None]] = [(r.replica_id, None) for r in self.replicas]
         self.in_transit: deque[tuple[float, list[tuple[str, dict]]]] = deque()  # (delivery time, publication)
+        self.peer_transit: deque[tuple[float, int, tuple]] = deque()  # (delivery time, sender, booking)
         self.owner: dict[str, _Router] = {}  # request id -> router that routed it
         self.records: dict[str, RequestRecord] = {}
         self.num_rejected = 0
@@ -183,6 +197,15 @@ class ClusterSim:
         while transit and transit[0][0] <= t:
             self.published = transit.popleft()[1]
 
+    def deliver_peers(self, t: float) -> None:
+        """Hand every booking due by ``t`` to the routers other than its sender that share bookings."""
+        transit, routers = self.peer_transit, self.routers
+        while transit and transit[0][0] <= t:
+            due, sender, b = transit.popleft()
+            for j, other in enumerate(routers):
+                if j != sender and other.shares:
+                    peers.apply((b,), other.accounting, other.policy, due)
+
     def advance_all(self, t: float) -> None:
         for rep in self.replicas:
             run = rep.pending
@@ -203,12 +226,15 @@ class ClusterSim:
                                              req.num_output_tokens, req.finish_time or 0.0))
 
     def route(self, tr: TraceRequest, index: int) -> str:
-        router = self.routers[index % len(self.routers)]
+        sender = index % len(self.routers)
+        router = self.routers[sender]
         t = tr.arrival_s
         if self.cfg.stats_period_s == 0:
             self.publish(t)
         else:
             self.deliver(t)
+        if self.peer_transit:
+            self.deliver_peers(t)
         view = self.request_view(tr)
         snapshots = router.accounting.snapshots(self.published, router.policy.on_stats)
         tiers = router.policy.choose(view, snapshots, now=t, rng=router.rng)
@@ -216,8 +242,12 @@ class ClusterSim:
         self.feeds[replica_id].on_received(view.prefix_hashes, t)
         prompt_tokens = router.uncached_prompt(view, replica_id)
         router.policy.on_routed(view, replica_id, now=t)
+        decode_tokens = router.expected_decode(view)
         router.accounting.on_routed(tr.request_id, replica_id, now=t, prompt_tokens=prompt_tokens,
-                                    decode_tokens=router.expected_decode(view))
+                                    decode_tokens=decode_tokens)
+        if router.shares:
+            self.peer_transit.append((t + self.cfg.peer_delay_s, sender,
+                                      peers.booking(replica_id, t, prompt_tokens, decode_tokens, view.prefix_hashes)))
         self.owner[tr.request_id] = router
         return replica_id
 

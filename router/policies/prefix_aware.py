@@ -31,6 +31,10 @@ Params (``PrefixAwareParams``):
                                                 prefix blocks is a good size
   use_published_prefixes bool, default True     False: the index holds only this router's sends (with 8
                                                 routers, an eighth of the conversations)
+  peer_bookings      bool, default True         broadcast this router's bookings and take its peers'
+                                                (router/peers.py): their sends count in the loads until
+                                                the stats include them, their prefixes enter the index
+                                                at once (``on_peer_routed``); False: ablation
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class PrefixAwareParams:
     min_match_blocks: int = 1
     max_index_entries: int = 65536
     use_published_prefixes: bool = True
+    peer_bookings: bool = True
 
     def __post_init__(self) -> None:
         if self.abs_threshold < 0:
@@ -104,6 +109,9 @@ class PrefixAwarePolicy:
 
     def on_routed(self, request: RequestView, replica_id: str, *, now: float) -> None:
         self.index.insert(request.prefix_hashes, replica_id)
+
+    def on_peer_routed(self, prefix_hashes: Sequence[int], replica_id: str) -> None:
+        self.index.insert(prefix_hashes, replica_id)
 
     def on_finished(self, completion: Completion) -> None:
         pass

@@ -55,6 +55,16 @@ Shared prefix knowledge: with ``use_published_prefixes`` the index also takes ev
 ``recent_prefix_hashes`` (router/feed.py) through ``on_stats``, so a conversation another router sent is
 found where it is (with 8 routers each router alone would see an eighth of the conversations).
 
+Bookings shared between routers (``peer_bookings``, router/peers.py): every router broadcasts where it sent
+each request, and the others count those sends in their deltas until the stats include them, and insert their
+prefix hashes in the index (``on_peer_routed``). With every peer's bookings arriving, the deltas are the
+fleet's and the traffic share this router knows of is about 1: it is "alone" (K = 1). What it still cannot
+see are the peers' decisions made within the bookings' lag of its own, ``peers_in_transit`` (B): the
+water-filled pick below draws with the budget ``spread * ((K - 1) + B) * work`` (K - 1 = 0 when alone), so
+it is the single-router rule exactly when B = 0 (one router, or peers' decisions never close to ours). A
+router whose peers fall silent sees its share drop and B decay to 0, and falls back to share-scaled deltas
+and the water-filled pick with K.
+
 Note on ``free_i``: subtracting all of ``P_i`` (not just the delta) counts the published waiting prompts too;
 vLLM allocates their blocks only when it schedules them, so they are not yet out of ``num_free_blocks``.
 
@@ -87,21 +97,25 @@ Params (``SalParams``):
   prior_weight         float >= 0, default 8.0            observations the prior is worth
   delta_scale          float >= 0 or None, default None   K; None: 1 / traffic_share (self-calibrating);
                                                           1.0 = the single-router rule (ablation)
-  spread               float >= 0, default 2.0            water-filled pick when not alone: L with
-                                                          sum (L - score_i)+ = spread * (K - 1) * work (work =
+  spread               float >= 0, default 2.0            water-filled pick: L with sum (L - score_i)+ =
+                                                          spread * ((K - 1) + B) * work (work =
                                                           prompt + w_d * expected decode of this request); the
                                                           first tier is i with probability (L - score_i)+ /
                                                           that budget, drawn among prefix holders only when
                                                           there are any; 0: argmin. Azure conv x14, 4 replicas,
-                                                          8 routers, with K: spread 0 / 0.5 / 1 / 2 / 4 gave
-                                                          p99 0.364 / 0.325 / 0.353 / 0.326 / 0.360 s, mean
-                                                          0.128 / 0.104 / 0.104 / 0.102 / 0.103 s
+                                                          8 routers, with K (no bookings): spread 0 / 0.5 / 1 /
+                                                          2 / 4 gave p99 0.364 / 0.325 / 0.353 / 0.326 / 0.360
+                                                          s, mean 0.128 / 0.104 / 0.104 / 0.102 / 0.103 s.
+                                                          With bookings (B, 1.2 ms lag), Azure x40, 16
+                                                          replicas, 16 routers: spread 0 / 1 / 2 / 4 / 8 gave
+                                                          mean 55.8 / 50.7 / 49.7 / 49.3 / 48.7 ms (measured
+                                                          with B as rate * lag, before it learned bursts)
   sample_size          int >= 0, default 0                d of the power-of-d sample (prefix holders always
                                                           in it); 0: never sample. With K, d = 2 gave 0.359 /
                                                           0.107 s on the same run: off by default
   alone_share          float in [0, 1], default 0.75      at or above this traffic share the router is alone:
-                                                          K = 1, no spread, no sampling (the single-router
-                                                          rule exactly)
+                                                          K = 1, no sampling, spread by B only (the
+                                                          single-router rule exactly when B = 0)
   use_published_prefixes bool, default True               False: the index holds only this router's sends
   spread_pool          "deepest" | "holders", default "deepest"
                                                           who the water-filled pick draws among when the
@@ -117,6 +131,10 @@ Params (``SalParams``):
                                                           "holders" p99 0.971 / mean 0.357 s, prefix hits
                                                           0.177; "deepest" 1.013 / 0.332 s, hits 0.239 (1
                                                           router: 0.699 / 0.285 s, hits 0.247)
+
+  peer_bookings        bool, default True                 broadcast this router's bookings and take its peers'
+                                                          (router/peers.py); False: share nothing but the stats
+                                                          (ablation)
 
 Cost: ``choose`` is one pass over the candidates plus a sort. The request-independent part of each snapshot
 (``load_i``, the free blocks left after its queued prompts) is memoized per snapshot object (``_prepare``;
@@ -142,7 +160,7 @@ NAME = "sal"
 _UNPACKED = {0: "replica_id", 3: "num_waiting_prompt_tokens", 4: "num_decode_tokens_remaining", 5: "num_free_blocks",
              6: "num_total_blocks", 7: "block_size", 8: "decode_cost_ratio", 11: "stats_known",
              12: "local_outstanding", 14: "delta_prompt_tokens", 15: "delta_decode_tokens"}
-if len(ReplicaSnapshot._fields) != 17 or any(ReplicaSnapshot._fields[i] != f for i, f in _UNPACKED.items()):
+if len(ReplicaSnapshot._fields) != 18 or any(ReplicaSnapshot._fields[i] != f for i, f in _UNPACKED.items()):
     raise TypeError("SalPolicy.choose unpacks ReplicaSnapshot positionally: update it with the fields")
 
 
@@ -166,6 +184,7 @@ class SalParams:
     alone_share: float = 0.75
     use_published_prefixes: bool = True
     spread_pool: str = "deepest"
+    peer_bookings: bool = True
 
     def __post_init__(self) -> None:
         if self.decode_weight is not None and not self.decode_weight >= 0:
@@ -277,8 +296,10 @@ class SalPolicy:
             known = _sample_first(known, p.sample_size, holders, rng)
         else:
             known.sort()
-            if p.spread > 0 and not alone and scale > 1 and len(known) > 1:
-                # the others route about (K - 1) requests like this one on the same view meanwhile
+            # the others route about (K - 1) requests like this one on the same view meanwhile, plus the ones
+            # whose bookings are on their way (peers_in_transit): decisions neither side sees yet
+            blind = (scale - 1.0 if not alone else 0.0) + (replicas[0].peers_in_transit if replicas else 0.0)
+            if p.spread > 0 and blind > 0 and len(known) > 1:
                 work = prompt + wd_of(fixed_wd) * self.expected_decode_tokens(request)
                 # prefix holders keep the request: spread only among them (affinity never leaves the draw)
                 if not holders:
@@ -290,7 +311,7 @@ class SalPolicy:
                     pool = [k for k in known if matched.get(k[3], 0) == deepest]
                     if pool[0] is not known[0]:
                         pool = [known[0]]
-                pick = _waterfill_pick(pool, p.spread * (scale - 1) * work, rng)
+                pick = _waterfill_pick(pool, p.spread * blind * work, rng)
                 if pick is not known[0]:
                     known.remove(pick)
                     known.insert(0, pick)
@@ -306,7 +327,7 @@ class SalPolicy:
         not apply, block_size, replica_id, local_outstanding). Snapshots are immutable and the entry holds
         ``r``, so an entry found under ``id(r)`` whose ``r`` is the candidate is exact; the memo changes no
         result (a cache of a pure function), only the cost of ``choose`` with many replicas."""
-        (rid, _, _, wpt, dec, free, total, bs, ratio, _, _, ok, local, _, dpt, ddt, _) = r
+        (rid, _, _, wpt, dec, free, total, bs, ratio, _, _, ok, local, _, dpt, ddt, _, _) = r
         if not ok:
             e = (r, scale, None, None, bs, rid, local)
         else:
@@ -324,6 +345,11 @@ class SalPolicy:
     def on_routed(self, request: RequestView, replica_id: str, *, now: float) -> None:
         if self.params.use_prefix_credit and request.prefix_hashes:
             self.index.insert(request.prefix_hashes, replica_id)
+
+    def on_peer_routed(self, prefix_hashes: Sequence[int], replica_id: str) -> None:
+        """A peer router sent a request with these prefix hashes to ``replica_id`` (router/peers.py)."""
+        if self.params.use_prefix_credit:
+            self.index.insert(prefix_hashes, replica_id)
 
     def on_finished(self, completion: Completion) -> None:
         self.estimator.observe(completion.num_output_tokens)
