@@ -223,6 +223,47 @@ def test_sal_spreads_the_decisions_its_peers_cannot_see_yet_among_the_near_best(
     assert firsts(SalPolicy(SalParams(spread=0.0)), replicas(1.0)) == {"r0"}  # the ablation
 
 
+def old_prefix_aware(policy, request, replicas, rng):
+    """prefix_aware's ranking as it was before peers (the spec without B), for the B = 0 identity."""
+    from halffull.router.policies import outstanding, rank_ascending
+    from halffull.router.policies.prefix_aware import is_imbalanced
+
+    loads = list(map(outstanding, replicas))
+    ids = [r.replica_id for r in replicas]
+    if is_imbalanced(min(loads), max(loads), policy.params):
+        return rank_ascending(loads, ids, rng)
+    matched = policy.index.match(request.prefix_hashes) if request.prefix_hashes else None
+    if not matched:
+        return rank_ascending(loads, ids, rng)
+    keys = [(-matched.get(rid, 0) if matched.get(rid, 0) >= policy.params.min_match_blocks else 0, load, rng.random(), rid)
+            for rid, load in zip(ids, loads)]
+    return [[k[3]] for k in sorted(keys)]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_prefix_aware_without_peers_ranks_as_before(seed):
+    rng = random.Random(seed)
+    policy = make_policy("prefix_aware")
+    for _ in range(20):
+        policy.on_routed(RequestView("w", 100, 10, prefix_hashes=(rng.randrange(5), rng.randrange(5))),
+                         f"r{rng.randrange(6)}", now=0.0)
+    snaps = [ReplicaSnapshot(f"r{i}", num_running=rng.randrange(0, 60), stats_time=0.0) for i in range(6)]
+    request = RequestView("q", 100, 10, prefix_hashes=(rng.randrange(5), rng.randrange(5)))
+    assert policy.choose(request, snaps, now=0.0, rng=random.Random(seed)) == old_prefix_aware(
+        policy, request, snaps, random.Random(seed))
+
+
+def test_prefix_aware_spreads_unseen_decisions_among_the_least_loaded_and_keeps_affinity():
+    policy = make_policy("prefix_aware")
+    snaps = [ReplicaSnapshot(f"r{i}", num_running=n, peers_in_transit=4.0) for i, n in enumerate((0, 1, 2, 30))]
+    view = RequestView("q", 100, 10)
+    picked = {policy.choose(view, snaps, now=0.0, rng=random.Random(s))[0][0] for s in range(200)}
+    assert picked == {"r0", "r1", "r2"}  # the level of 4 requests over loads 0, 1, 2 never reaches 30
+    policy.on_routed(RequestView("w", 100, 10, prefix_hashes=(7, 8)), "r3", now=0.0)
+    held = RequestView("q", 100, 10, prefix_hashes=(7, 8))
+    assert {policy.choose(held, snaps, now=0.0, rng=random.Random(s))[0][0] for s in range(50)} == {"r3"}
+
+
 # ---- the process channel -----------------------------------------------------------------------------------------
 class Listener:
     def __init__(self):

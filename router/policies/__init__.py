@@ -42,6 +42,36 @@ def rank_random(ids: Sequence[str], rng: Rng) -> Tiers:
     return [[t[1]] for t in ranked]
 
 
+def water_level(values: Sequence[float], budget: float) -> float:
+    """Water level L over ascending ``values``: sum of (L - v)+ equals ``budget`` (> 0)."""
+    total = 0.0
+    n = len(values)
+    for k in range(n):
+        total += values[k]
+        level = (budget + total) / (k + 1)
+        if k + 1 == n or level <= values[k + 1]:
+            return level
+    return 0.0
+
+
+def waterfill_pick(keys: Sequence, values: Sequence[float], budget: float, rng: Rng):
+    """One of ``keys`` (their ``values`` ascending): with L = ``water_level(values, budget)``, key i with
+    probability (L - value_i)+ / ``budget``. N routers that each draw so, on the same view, fill the level in
+    expectation instead of all landing on the minimum."""
+    level = water_level(values, budget)
+    x = rng.random() * budget
+    pick = keys[0]
+    for key, value in zip(keys, values):
+        gap = level - value
+        if gap <= 0:
+            break
+        pick = key
+        x -= gap
+        if x <= 0:
+            break
+    return pick
+
+
 class Stateless:
     """Hooks of a policy that keeps no state between calls (all no-ops)."""
 

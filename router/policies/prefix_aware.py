@@ -14,6 +14,12 @@ count when ``stats_known`` is False). Over the candidates, with ``hi = max load_
 
 Remaining ties in uniformly random order from ``rng``.
 
+With peers (``peers_in_transit`` = B > 0: the decisions of other routers this one cannot see yet, router/
+peers.py): the first tier is drawn among the replicas with the first one's match depth (all of them when
+ranking by load) by water-filling their loads with ``spread * B`` requests (``waterfill_pick``): each of the
+routers deciding unseen at once lands on a different near-least-loaded replica in expectation, instead of all
+on the same one. B = 0 (one router) leaves the ranking above exactly.
+
 The index is this router's view (what it sent, not what the replica still caches): bounded to
 ``max_index_entries`` (hash, replica) pairs with LRU eviction, updated by ``on_routed`` (inserts the
 request's prefix for the chosen replica), ``on_stats`` (with ``use_published_prefixes``: merges the replica's
@@ -35,6 +41,8 @@ Params (``PrefixAwareParams``):
                                                 (router/peers.py): their sends count in the loads until
                                                 the stats include them, their prefixes enter the index
                                                 at once (``on_peer_routed``); False: ablation
+  spread             float >= 0, default 1.0    requests of water per unseen peer decision (above); 0: the
+                                                single-router ranking even with peers
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from halffull.router.policies import outstanding, rank_ascending
+from halffull.router.policies import outstanding, waterfill_pick
 from halffull.router.feed import merge_published
 from halffull.router.prefix_index import PrefixIndex
 from halffull.router.types import Completion, ReplicaSnapshot, RequestView, Rng, Tiers
@@ -60,6 +68,7 @@ class PrefixAwareParams:
     max_index_entries: int = 65536
     use_published_prefixes: bool = True
     peer_bookings: bool = True
+    spread: float = 1.0
 
     def __post_init__(self) -> None:
         if self.abs_threshold < 0:
@@ -70,6 +79,8 @@ class PrefixAwareParams:
             raise ValueError(f"min_match_blocks must be >= 1, got {self.min_match_blocks}")
         if self.max_index_entries < 1:
             raise ValueError(f"max_index_entries must be >= 1, got {self.max_index_entries}")
+        if not self.spread >= 0:
+            raise ValueError(f"spread must be >= 0, got {self.spread}")
 
 
 def is_imbalanced(lo: int, hi: int, params: PrefixAwareParams) -> bool:
@@ -94,17 +105,27 @@ class PrefixAwarePolicy:
             return []
         loads = list(map(outstanding, replicas))
         ids = [r.replica_id for r in replicas]
-        if is_imbalanced(min(loads), max(loads), self.params):
-            return rank_ascending(loads, ids, rng)
-        matched = self.index.match(request.prefix_hashes) if request.prefix_hashes else None
-        if not matched:
-            return rank_ascending(loads, ids, rng)
-        get, floor, rnd = matched.get, self.params.min_match_blocks, rng.random
-        keys = []
-        for rid, load in zip(ids, loads):
-            blocks = get(rid, 0)
-            keys.append((-blocks if blocks >= floor else 0, load, rnd(), rid))
-        keys.sort()
+        matched = None
+        if not is_imbalanced(min(loads), max(loads), self.params) and request.prefix_hashes:
+            matched = self.index.match(request.prefix_hashes)
+        rnd = rng.random
+        if not matched:  # by load alone (imbalanced, or no holder): match 0 for all
+            keys = sorted(zip([0] * len(ids), loads, [rnd() for _ in ids], ids))
+        else:
+            get, floor = matched.get, self.params.min_match_blocks
+            keys = []
+            for rid, load in zip(ids, loads):
+                blocks = get(rid, 0)
+                keys.append((-blocks if blocks >= floor else 0, load, rnd(), rid))
+            keys.sort()
+        blind = replicas[0].peers_in_transit
+        if blind > 0 and self.params.spread > 0 and len(keys) > 1:
+            # peers route about ``blind`` requests unseen meanwhile: draw among the best match's replicas by load
+            pool = [k for k in keys if k[0] == keys[0][0]]
+            pick = waterfill_pick(pool, [k[1] for k in pool], self.params.spread * blind, rng)
+            if pick is not keys[0]:
+                keys.remove(pick)
+                keys.insert(0, pick)
         return [[k[3]] for k in keys]
 
     def on_routed(self, request: RequestView, replica_id: str, *, now: float) -> None:

@@ -150,6 +150,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from halffull.router.estimate import OutputLengthEstimator
+from halffull.router.policies import waterfill_pick
 from halffull.router.feed import merge_published
 from halffull.router.prefix_index import PrefixIndex
 from halffull.router.types import Completion, ReplicaSnapshot, RequestView, Rng, Tiers
@@ -380,30 +381,6 @@ def wd_of(fixed_wd: float | None) -> float:
     return 1.0 if fixed_wd is None else fixed_wd
 
 
-def _level(values: list[float], budget: float) -> float:
-    """Water level L over ascending ``values``: sum of (L - v)+ equals ``budget`` (> 0)."""
-    total = 0.0
-    n = len(values)
-    for k in range(n):
-        total += values[k]
-        level = (budget + total) / (k + 1)
-        if k + 1 == n or level <= values[k + 1]:
-            return level
-    return 0.0
-
-
 def _waterfill_pick(known: list[tuple], budget: float, rng: Rng) -> tuple:
-    """One of the sorted ``known`` keys: with L = ``_level`` of the scores, key i with probability
-    (L - score_i)+ / ``budget`` (each of N routers drawing so fills the level in expectation)."""
-    level = _level([k[0] for k in known], budget)
-    x = rng.random() * budget
-    pick = known[0]
-    for k in known:
-        gap = level - k[0]
-        if gap <= 0:
-            break
-        pick = k
-        x -= gap
-        if x <= 0:
-            break
-    return pick
+    """``waterfill_pick`` over the sorted ``known`` keys by their scores (``k[0]``)."""
+    return waterfill_pick(known, [k[0] for k in known], budget, rng)
