@@ -1,11 +1,15 @@
 """Routing decisions through real Ray Serve: two simulated replicas at real speed (speed-up 1).
 
-Scenario: one long request (a 6,000-token prompt, 2,000 output tokens, ~15 s of model time) keeps replica B
-busy; then 20 short requests are sent one after another. Which replica served each request is read from the
+Scenario: one long request (a 6,000-token prompt, 2,000 output tokens, over a minute on the simulated A10G)
+keeps replica B busy; then 20 one-token requests are sent one after another. Which replica served each request is read from the
 replica itself (it names itself in the stream's first event; the ingress returns it as ``x-halffull-replica``).
 
 * ``sal`` sees B's outstanding work (its published decode work plus the router's own in-flight delta), so the
-  short requests avoid B.
+  short requests avoid B. Only while the long request's expected remaining output is more than a token: once it
+  has generated more than the replica's mean output length (256 before anything finished), the estimate says
+  one token is left (router/estimate.py) and B looks free. Hence the A10G profile (a 2.5 s prefill and 36 ms
+  decode steps put that ~12 s after the start, where an H100's 0.16 s and 8 ms put it at ~2.2 s, and a slow
+  CI host's 20 requests once ran past it) and one-token short requests (no decode step after the prefill).
 * ``round_robin`` ignores load: the short requests alternate, 10 and 10.
 
 The ``sal`` app also shows that the output token counts the ingress reports reach its router's policy (the
@@ -35,7 +39,7 @@ def deploy(ray_cluster):
     def run(router: str) -> str:
         name = f"routing-{router.replace('_', '-')}"
         url = ray_cluster.deploy(name, {"num_replicas": 2, "router": router, "router_seed": 7, "speedup": 1.0,
-                                        "stats_period_s": 0.2})
+                                        "stats_period_s": 0.2, "gpu": "a10g"})
         deployed.append(name)
         return url
 
@@ -54,7 +58,7 @@ def short_requests_while_one_is_busy(base_url: str) -> tuple[str, collections.Co
             assert busy.status_code == 200
             busy_replica = busy.headers["x-halffull-replica"]
             for i in range(NUM_SHORT):
-                r = http.post("/v1/completions", json={"model": M, "prompt": f"short request {i}", "max_tokens": 4})
+                r = http.post("/v1/completions", json={"model": M, "prompt": f"short request {i}", "max_tokens": 1})
                 assert r.status_code == 200, r.text
                 counts[r.headers["x-halffull-replica"]] += 1
         # leaving the block closed the long stream: the replica aborts it
