@@ -29,10 +29,11 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any, Callable, Iterable
 
+from halffull.router.estimate import OutputLengthEstimator
 from halffull.router.feed import published_received
 from halffull.router.peers import InTransit
 from halffull.router.share import ShareParams, TrafficShare
-from halffull.router.types import ReplicaSnapshot
+from halffull.router.types import ReplicaSnapshot, RequestView
 
 _INT_FIELDS = ("num_running", "num_waiting", "num_waiting_prompt_tokens", "num_free_blocks", "num_total_blocks",
                "block_size", "num_preemptions")
@@ -129,6 +130,28 @@ def _coarse(value: float) -> float:
 
 
 MAX_PEER_BOOKINGS = 4096  # per replica; far above what arrives between two publications at any rate we serve
+
+
+def routed_estimates(policy: Any) -> tuple[Callable[[RequestView], float], Callable[[RequestView, str], int]]:
+    """(expected decode tokens of a request, its uncached prompt tokens on a replica): what a router records for
+    a request it routes, in its own deltas and in its peers' bookings. The policy's own estimates where it has
+    them (sal: ``expected_decode_tokens``, and ``uncached_prompt_tokens``, net of its prefix credit, so deltas
+    are net of cache hits like the published waiting tokens), else an output-length estimator's prior and the
+    whole prompt. One definition for the simulator and the Ray adapter."""
+    expected = getattr(policy, "expected_decode_tokens", None)
+    if expected is None:
+        fallback = OutputLengthEstimator()
+
+        def expected(view: RequestView) -> float:
+            return fallback.expected_remaining(view.max_tokens, 0)
+
+    uncached = getattr(policy, "uncached_prompt_tokens", None)
+    if uncached is None:
+
+        def uncached(view: RequestView, replica_id: str) -> int:
+            return view.num_prompt_tokens
+
+    return expected, uncached
 
 
 class RouterAccounting:

@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 Booking = tuple  # (replica_id, routed_time, prompt_tokens, decode_tokens, prefix_hashes)
 
 MAX_HASHES = 64  # 64 blocks of a prompt (32k tokens at 512 per block): deeper prefixes add little, cost bytes
-MAX_BATCH = 1024  # bookings per broadcast
+MAX_BATCH = 1024  # bookings per batch handed to the link (which splits a batch into datagrams by size)
 MAX_OUTBOX = 8192  # bookings waiting for the sender; a stuck sender drops the oldest
 
 PROCESS_ID = uuid.uuid4().hex  # this process among its peers (deploy/peer_link.py)
@@ -73,12 +73,14 @@ def _valid(b: Any) -> bool:
 
 
 def apply(bookings: Iterable[Any], accounting: Any, policy: Any, now: float,
-          known: Optional[Callable[[str], bool]] = None) -> int:
+          known: Optional[Callable[[str], bool]] = None,
+          on_applied: Optional[Callable[[float], None]] = None) -> int:
     """Add peers' ``bookings``, arrived at ``now``, to a router's ``accounting`` and ``policy``; returns how many
     were applied.
 
     ``known(replica_id)``: only bookings for replicas this router routes to (None: all); others (another
-    deployment's, a replica that left) would never be pruned by stats.
+    deployment's, a replica that left) would never be pruned by stats. ``on_applied(routed_time)`` is called for
+    each booking applied (the Ray adapter logs the lags).
     """
     on_peer_routed = getattr(policy, "on_peer_routed", None)
     n = 0
@@ -89,6 +91,8 @@ def apply(bookings: Iterable[Any], accounting: Any, policy: Any, now: float,
         accounting.on_peer_routed(replica_id, at=at, prompt_tokens=prompt, decode_tokens=float(decode), now=now)
         if on_peer_routed is not None and hashes:
             on_peer_routed(hashes, replica_id)
+        if on_applied is not None:
+            on_applied(at)
         n += 1
     return n
 
@@ -196,10 +200,6 @@ def detach_sender() -> None:
     with _lock:
         _send = None
         _outbox.clear()
-
-
-def has_sender() -> bool:
-    return _send is not None
 
 
 def post(b: Booking) -> bool:

@@ -99,8 +99,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 from halffull.prefix_hash import hash_token_blocks
 from halffull.router import completions, peers
-from halffull.router.accounting import RouterAccounting
-from halffull.router.estimate import OutputLengthEstimator
+from halffull.router.accounting import RouterAccounting, routed_estimates
 from halffull.router.registry import make_policy
 from halffull.router.types import Completion, RequestView
 
@@ -222,9 +221,8 @@ class HalffullRequestRouter(RequestRouter):
         self.policy = make_policy(policy, policy_params)
         self._rng = random.Random(None if seed is None else f"{seed}/{self._self_actor_id}")
         self.accounting = RouterAccounting()
-        expected = getattr(self.policy, "expected_decode_tokens", None)
-        fallback = OutputLengthEstimator()
-        self._expected_decode = expected or (lambda view: fallback.expected_remaining(view.max_tokens, 0))
+        # what this router records for a request it routes (net of sal's prefix credit, as in the simulator)
+        self._expected_decode, self._uncached = routed_estimates(self.policy)
         self._inflight: dict[str, _InFlight] = {}  # internal request id -> where it went
         self._reserved: dict[str, _Reserved] = {}  # internal request id -> first choice, not yet accepted
         self._awaiting: dict[str, _Awaiting] = {}  # request id -> completed, output count not yet reported
@@ -237,8 +235,6 @@ class HalffullRequestRouter(RequestRouter):
         self._last_delay_log = time.monotonic()
         self._delay_log_every_s = float(os.environ.get(DELAY_LOG_ENV, DELAY_LOG_EVERY_S))
         self.counts_observed = 0  # completions whose output count reached the policy
-        # Deltas are net of the cache hits the policy expects (sal), as in the simulator; others: whole prompt.
-        self._uncached = getattr(self.policy, "uncached_prompt_tokens", None) or (lambda v, rid: v.num_prompt_tokens)
         self._shares = peers.shares_bookings(self.policy)  # broadcast bookings and take the peers' (router/peers.py)
         self.peer_lags: deque[float] = deque(maxlen=_MAX_DELAYS)  # seconds from a peer's decision to applying it
         self.peer_bookings_applied = 0
@@ -378,13 +374,9 @@ class HalffullRequestRouter(RequestRouter):
 
     def _apply_peers(self, batch: list) -> None:
         try:
-            now = time.time()
-            known = self._replica_ids
-            self.peer_bookings_applied += peers.apply(batch, self.accounting, self.policy, now, known.__contains__)
-            lags = self.peer_lags
-            for b in batch:
-                if type(b) is tuple and len(b) == 5 and type(b[1]) is float and b[0] in known:
-                    lags.append(now - b[1])
+            now, lags = time.time(), self.peer_lags
+            self.peer_bookings_applied += peers.apply(batch, self.accounting, self.policy, now,
+                                                      self._replica_ids.__contains__, lambda at: lags.append(now - at))
         except Exception:
             self._log_error("halffull router: applying peer bookings failed")
 

@@ -21,7 +21,7 @@ Events, in time order (ties: stats refresh, then completions, then the arrival):
   outlier (a busy controller loop) would overstate every other delivery if taken as the constant.
 * peer bookings, ``peer_delay_s`` after a routing decision: with ``num_routers`` > 1 and a policy that shares
   bookings (``peer_bookings``, router/peers.py), the deciding router's booking reaches every other router
-  that much later, as the live ingress replicas broadcast them (deploy/peer_sender.py). Default
+  that much later, as the live ingress replicas send them (deploy/peer_link.py). Default
   ``PEER_DELAY_S``, MEASURED on the live Serve path (see its comment).
 * arrival: every replica runs up to the arrival time; completions reach the router that routed them
   (``on_finished`` + local accounting); the arrival's router (round-robin over ``num_routers`` routers, each
@@ -50,7 +50,7 @@ from halffull.replicas.engine.scheduler import Scheduler, SchedulerConfig
 from halffull.replicas.sim.latency import LatencyModel
 from halffull.replicas.sim.profile_model import latency_model
 from halffull.replicas.sim.virtual import SimReplica
-from halffull.router.accounting import RouterAccounting
+from halffull.router.accounting import RouterAccounting, routed_estimates
 from halffull.router.estimate import OutputLengthEstimator
 from halffull.router.feed import ReceivedFeed
 from halffull.router import peers
@@ -129,12 +129,7 @@ class _Router:
         self.policy = make_policy(cfg.router, cfg.router_params)
         self.rng = random.Random(cfg.seed * 1000 + index)
         self.accounting = RouterAccounting()
-        expected = getattr(self.policy, "expected_decode_tokens", None)
-        fallback = OutputLengthEstimator()
-        self.expected_decode = expected or (lambda view: fallback.expected_remaining(view.max_tokens, 0))
-        # Deltas are net of the cache hits the policy expects (sal); others record the whole prompt.
-        uncached = getattr(self.policy, "uncached_prompt_tokens", None)
-        self.uncached_prompt = uncached or (lambda view, replica_id: view.num_prompt_tokens)
+        self.expected_decode, self.uncached_prompt = routed_estimates(self.policy)
         self.shares = cfg.num_routers > 1 and peers.shares_bookings(self.policy)
 
 
