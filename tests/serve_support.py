@@ -18,9 +18,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-# Keep Ray's listeners on 127.0.0.1 (DESIGN.md §9). Ray reads this when it is first imported (ray_constants), and
+from halffull.deploy import ray_env
+
+# Keep Ray's listeners on 127.0.0.1 (DESIGN.md §9), and the environment every halffull cluster starts with
+# (deploy/ray_env.py). Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it is first imported (ray_constants), and
 # test modules import Ray at collection, before any fixture runs: so it is set here, when conftest.py loads.
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+ray_env.apply()
 
 # Routers log their stats delivery delays and the output counts they observed every this many seconds (60 by
 # default): often enough for tests to read (ingress_log_matches). Read by each router in its own process, so it is
@@ -60,7 +63,7 @@ class ServeCluster:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep Ray's listeners on 127.0.0.1 (DESIGN.md §9)
+    ray_env.apply()  # keep Ray's listeners on 127.0.0.1 (DESIGN.md §9); the gRPC proxy hop
     import ray
     from ray import serve
 

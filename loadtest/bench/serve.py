@@ -37,6 +37,7 @@ import os
 import statistics
 import time
 
+from halffull.deploy import ray_env
 from halffull.router.registry import POLICY_NAMES
 
 BENCH_APPS = ("halffull", "default")
@@ -139,7 +140,7 @@ Phase = tuple  # (completed, seconds, latencies, server CPU seconds)
 
 
 def end_to_end(args) -> dict[str, list[Phase]]:
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_env.apply()  # loopback listeners, the gRPC proxy hop (deploy/ray_env.py)
     import ray
     from ray import serve
 

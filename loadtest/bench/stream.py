@@ -12,7 +12,8 @@ For each speed (``1``: simulated H100s at their real step cadence, every stream 
     halffull   halffull's request router (``sal``)
     default    Ray Serve's PowerOfTwoChoicesRequestRouter (router: ray_default)
 
-Paths: ``proxy`` through Serve's HTTP proxy (the default deployment), ``direct`` to the ingress replicas' own
+Paths: ``proxy`` through Serve's HTTP proxy (the default deployment; it reaches the ingress over gRPC unless
+RAY_SERVE_PROXY_USE_GRPC=0 is exported: deploy/ray_env.py), ``direct`` to the ingress replicas' own
 HTTP servers (Ray's direct ingress, switched on for this cluster when listed; both paths are measured on the
 same cluster, the proxy runs either way).
 
@@ -51,6 +52,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from halffull.deploy import ray_env
 from halffull.loadtest.bench.serve import percentile
 
 ROLES = ("ingress", "replica", "proxy", "controller", "ray", "total")
@@ -308,7 +310,9 @@ def replica_timings(app: str, num_replicas: int) -> dict[str, float]:
 
 
 def report(rows: dict) -> None:
-    print("\nmedians over rounds; CPU in ms per output token (server processes of this Ray cluster)")
+    hop = "gRPC" if os.environ.get("RAY_SERVE_PROXY_USE_GRPC") == "1" else "Ray actor calls"  # deploy/ray_env.py
+    print(f"\nmedians over rounds; CPU in ms per output token (server processes of this Ray cluster); "
+          f"proxy to ingress over {hop}")
     print(f"{'speed':>5s} {'N':>4s} {'mode':6s} {'path':6s} {'app':8s} {'tok/s':>8s} "
           + " ".join(f"{r:>10s}" for r in ROLES) + f" {'marginal':>9s} {'TTFT-out p50/p90 ms':>20s}")
     for key in sorted(rows, key=lambda k: (k[0] != "1", k[1], k[2] != "stream", k[3], k[4])):
@@ -342,7 +346,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback listeners (DESIGN.md §9)
+    ray_env.apply()  # loopback listeners (DESIGN.md §9), the gRPC proxy hop (deploy/ray_env.py)
     if "direct" in args.paths.split(","):
         # Read by every Serve process when it starts: the ingress replicas also serve HTTP on their own
         # 127.0.0.1 port (the proxy keeps serving too); a short drain keeps the teardown quick.

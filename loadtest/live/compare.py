@@ -69,6 +69,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from halffull.deploy import ray_env
 from halffull.loadtest.experiments import report
 from halffull.loadtest.sim.metrics import RequestRecord, Slo
 
@@ -113,7 +114,7 @@ class LocalServe:
     def __enter__(self) -> "LocalServe":
         # Ray's own listeners on 127.0.0.1 (DESIGN.md §9). Ray reads the variable once, when it is first imported
         # (ray._private.ray_constants), and something may have imported it already (halffull.deploy.app does): set both.
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for the processes Ray starts
+        ray_env.apply()  # for the processes Ray starts (and the gRPC proxy hop)
         import ray
         import ray._private.ray_constants as ray_constants
         from ray import serve

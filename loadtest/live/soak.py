@@ -55,6 +55,7 @@ from pathlib import Path
 
 import yaml
 
+from halffull.deploy import ray_env
 from halffull.loadtest.bench.serve import cluster_cpu_seconds
 from halffull.loadtest.sim.metrics import percentile
 from halffull.loadtest.sim.traces import BUILTIN_TRACES, load_trace
@@ -298,7 +299,7 @@ def window_p99(results: list[Result], lo: float, hi: float) -> tuple[float | Non
 
 
 def run(args) -> int:
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep Ray's listeners on 127.0.0.1 (DESIGN.md §9)
+    ray_env.apply()  # Ray's listeners on 127.0.0.1 (DESIGN.md §9), the gRPC proxy hop
     # Ray starts its workers at nice 15; the load generator (this process) runs at 0 and would starve the server
     # it measures on a small machine. Same priority for both.
     os.environ.setdefault("RAY_worker_niceness", "0")
