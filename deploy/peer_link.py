@@ -5,9 +5,11 @@ Serve runs one router per ingress replica. Each ``PeerLink`` (one per ingress pr
 routers post to every other ingress replica of the deployment:
 
 * data: one UDP datagram per peer per batch (``peers.encode``: JSON, at most ``MAX_DATAGRAM_BYTES``, a larger
-  batch is split), sent from the routers' own loop right after the decision (``peers.flush``); a receiver
-  thread per process decodes each datagram and hands it to the routers here (``peers.deliver``). A datagram
-  must carry the receiver's ``token`` (128 random bits), which only peers learned: anything else is dropped.
+  batch is split), sent from the routers' own loop right after the decision (``peers.flush``). A datagram
+  waits in the receiving link's socket until ``poll``: each router there polls before every decision, and the
+  link every ``poll_every_s`` for routers that are not deciding; ``poll`` decodes what arrived and hands it to
+  the routers here with its arrival time, the kernel's receive timestamp (``peers.deliver``). A datagram must
+  carry the receiver's ``token`` (128 random bits), which only peers learned: anything else is dropped.
 * membership: every ``hello_every_s`` each link announces (its process id, host, port, token) to every replica
   of its deployment with Ray Serve's ``DeploymentHandle.broadcast("peer_hello", ...)`` (Ray 2.60; the control
   plane use broadcast is made for); a peer not heard from for ``expire_s`` is dropped (a dead ingress
@@ -18,7 +20,9 @@ Why UDP and not a Serve broadcast per batch (built first, measured on this 2-cor
 ~47 requests/s): a broadcast crosses the sender's event loop, Ray's core worker and the receiver's request loop
 before reaching its router, and its lag was median 10.0 ms, p90 18.2 ms; the simulator puts sal's 16-router
 mean TTFT at 52.8 ms with a 5 ms lag and 44.7 ms with none, so every millisecond shows. A datagram goes from
-the sender's router loop to the receiver's thread. Lost datagrams are fine: a booking is a hint that the next
+the sender's router loop to the receiver's socket, where the next decision finds it (a receiver thread instead
+added a median 0.9 ms of thread wake-up and hand-off on the loaded 2-core host: router/peers.py). Lost
+datagrams are fine: a booking is a hint that the next
 stats publication supersedes, and a router that hears nothing from its peers falls back to scaling what it
 knows by its traffic share (router/share.py).
 
@@ -29,6 +33,8 @@ import asyncio
 import logging
 import secrets
 import socket
+import struct
+import sys
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -38,6 +44,8 @@ from halffull.router import peers
 logger = logging.getLogger("ray.serve")
 
 HELLO_EVERY_S = 3.0
+POLL_EVERY_S = 0.1  # the link's own poll, for routers that are not deciding (the socket buffer stays small)
+MAX_POLL_DATAGRAMS = 256  # per poll: a decision never waits on a flood; the rest waits for the next poll
 EXPIRE_S = 10.0  # three hellos missed
 MAX_DATAGRAM_BYTES = 32768  # well under UDP's 64 KiB; a larger batch is split
 _LOG_EVERY_S = 30.0
@@ -47,38 +55,47 @@ class PeerLink:
     """This ingress process's end of the peer bookings (module docstring)."""
 
     def __init__(self, host: str, handle_factory: Callable[[], Any], *, hello_every_s: float = HELLO_EVERY_S,
-                 expire_s: float = EXPIRE_S, clock: Callable[[], float] = time.monotonic):
+                 expire_s: float = EXPIRE_S, poll_every_s: float = POLL_EVERY_S,
+                 clock: Callable[[], float] = time.monotonic):
         self.host, self._handle_factory, self._handle = host, handle_factory, None
-        self.hello_every_s, self.expire_s, self._clock = hello_every_s, expire_s, clock
+        self.hello_every_s, self.expire_s, self.poll_every_s, self._clock = hello_every_s, expire_s, poll_every_s, clock
         self.token = secrets.token_hex(16)
         self.port: Optional[int] = None
         self._sock: Optional[socket.socket] = None
         self._peers: dict[str, tuple[tuple[str, int], str, float]] = {}  # process id -> (address, token, heard at)
         self._lock = threading.Lock()
+        self._poll_lock = threading.Lock()
         self._task: Optional[asyncio.Task] = None
+        self._poll_task: Optional[asyncio.Task] = None
         self._wake: Optional[asyncio.Event] = None
         self.num_datagrams_sent = self.num_bookings_sent = self.num_received = self.num_dropped = 0
         self._last_log = -_LOG_EVERY_S
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
     def ensure_started(self) -> None:
-        """Bind, start the receiver and the hellos (on the running loop; idempotent, restarts a crashed task)."""
+        """Bind, attach to the routers, start the hellos and the timer poll (on the running loop; idempotent,
+        restarts a crashed task)."""
         if self._sock is None:
             sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_DGRAM)
             sock.bind((self.host, 0))
-            sock.settimeout(1.0)  # the receiver checks for close once a second
+            sock.setblocking(False)
+            if SO_TIMESTAMP is not None:  # the kernel stamps each datagram's arrival
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMP, 1)
             self._sock, self.port = sock, sock.getsockname()[1]
-            threading.Thread(target=self._receive, args=(sock,), name="halffull-peer-link", daemon=True).start()
-            peers.attach_sender(self.send)
+            peers.attach_sender(self.send, self.poll)
+        loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._hello_loop())
+            self._task = loop.create_task(self._hello_loop())
+        if self._poll_task is None or self._poll_task.done():
+            self._poll_task = loop.create_task(self._poll_loop())
 
     def close(self) -> None:
         peers.detach_sender()
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
+        for task in (self._task, self._poll_task):
+            if task is not None:
+                task.cancel()
+        self._task = self._poll_task = None
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
@@ -139,26 +156,58 @@ class PeerLink:
                     self._log("halffull ingress: peer datagram to %s not sent: %r", address, exc)
         self.num_bookings_sent += len(batch)
 
-    def _receive(self, sock: socket.socket) -> None:
-        while self._sock is sock:
-            try:
-                data, _ = sock.recvfrom(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                return  # closed
-            batch = peers.decode(data, self.token)
-            if batch is None:
-                self.num_dropped += 1
-                continue
-            self.num_received += 1
-            peers.deliver(batch)
+    def poll(self) -> int:
+        """Deliver what the peers sent that has arrived (at most ``MAX_POLL_DATAGRAMS``), each batch with its
+        arrival time; the number of batches delivered. Never blocks, never raises (any thread)."""
+        sock, delivered = self._sock, 0
+        if sock is None:
+            return 0
+        # The routers' loop and the link's timer: one reader at a time (keeps arrival order); a poll that finds
+        # the other one reading returns at once, and that one delivers.
+        if not self._poll_lock.acquire(blocking=False):
+            return 0
+        try:
+            for _ in range(MAX_POLL_DATAGRAMS):
+                try:
+                    data, ancdata, _, _ = sock.recvmsg(65536, _TIMESTAMP_SPACE)
+                except OSError:  # BlockingIOError: nothing more; or the socket closed
+                    break
+                batch = peers.decode(data, self.token)
+                if batch is None:
+                    self.num_dropped += 1
+                    continue
+                self.num_received += 1
+                peers.deliver(batch, _arrival(ancdata))
+                delivered += 1
+        finally:
+            self._poll_lock.release()
+        return delivered
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_every_s)
+            self.poll()
 
     def _log(self, message: str, *args: Any) -> None:
         now = time.monotonic()
         if now - self._last_log >= _LOG_EVERY_S:
             self._last_log = now
             logger.warning(message, *args)
+
+
+# Linux's SO_TIMESTAMP (asm-generic/socket.h; Python's socket module does not name it): each datagram comes with
+# the kernel's receive time as a struct timeval (ancillary data of the same type). Elsewhere: the poll's time.
+SO_TIMESTAMP = getattr(socket, "SO_TIMESTAMP", 29 if sys.platform == "linux" else None)
+_TIMESTAMP_SPACE = socket.CMSG_SPACE(16)  # one struct timeval
+
+
+def _arrival(ancdata: list) -> float:
+    """The kernel's receive time of a datagram (``SO_TIMESTAMP``, the ``time.time()`` clock), or now."""
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMP and len(data) >= 16:
+            seconds, micros = struct.unpack("qq", data[:16])
+            return seconds + micros * 1e-6
+    return time.time()
 
 
 def _datagrams(token: str, batch: list) -> list[bytes]:

@@ -52,10 +52,11 @@ Many routers (one per ingress replica, DESIGN.md §3). Two things cross between 
     (``num_received``, router/share.py), both through ``RouterAccounting.snapshots``;
   * peer bookings (router/peers.py), for a policy whose params say ``peer_bookings``: every request this router
     books (``_book``) is posted to the ingress's link (deploy/peer_link.py: UDP to every other ingress
-    replica), and what the peers' routers booked arrives through ``_peer_bookings`` (the link's receiver
-    thread) and is applied on this router's loop (``_apply_peers``): their sends count in the deltas until the
-    stats include them, and their lag feeds the in-transit estimate. The lags are logged with the delivery
-    delays ("peer bookings applied N (total T): lag median ...").
+    replica), and what the peers' routers booked is taken before each decision (``peers.poll``: the link's
+    socket; ``_peer_bookings`` queues each batch with its arrival time, bounded) and applied then
+    (``_apply_peers``): their sends count in the deltas until the stats include them, and their lag (from the
+    peer's decision to the datagram reaching this process) feeds the in-transit estimate. The lags are logged
+    with the delivery delays ("peer bookings applied N (total T): lag median ...").
 A router whose peers die or fall silent sees its traffic share drop and falls back to scaling what it knows;
 nothing between routers is ever awaited on the request path, so nothing there can fail or hang a request.
 (A request ranked again after a rejection counts as sent twice in the share estimate: a small bias toward a
@@ -110,6 +111,7 @@ COMPLETION_GRACE_S = 5.0
 RESERVATION_TTL_S = 30.0  # a reservation whose request was neither routed nor ranked again is released
 MAX_STATS_AGE_S = 10.0
 _MAX_DELAYS = 4096
+MAX_PEER_BATCHES = 1024  # peers' batches queued for the next decision; the oldest dropped beyond
 # Every this many seconds (at most) a router logs the delivery delays of the publications it saw since its last
 # such line, and how many output counts reached its policy: "halffull router: stats delivery delay ..." (tests
 # read them; HALFFULL_DELAY_LOG_EVERY_S, read when a router is made, lets them log often). Not read into a module
@@ -236,7 +238,8 @@ class HalffullRequestRouter(RequestRouter):
         self._delay_log_every_s = float(os.environ.get(DELAY_LOG_ENV, DELAY_LOG_EVERY_S))
         self.counts_observed = 0  # completions whose output count reached the policy
         self._shares = peers.shares_bookings(self.policy)  # broadcast bookings and take the peers' (router/peers.py)
-        self.peer_lags: deque[float] = deque(maxlen=_MAX_DELAYS)  # seconds from a peer's decision to applying it
+        self.peer_lags: deque[float] = deque(maxlen=_MAX_DELAYS)  # seconds from a peer's decision to its arrival
+        self._peer_inbox: deque[tuple[list, float]] = deque(maxlen=MAX_PEER_BATCHES)  # (batch, arrived), any thread
         self.peer_bookings_applied = 0
         self._peer_lags_logged = 0
 
@@ -259,6 +262,8 @@ class HalffullRequestRouter(RequestRouter):
             return [[r] for r in candidate_replicas]
 
     def _rank(self, candidates: Sequence[RunningReplica], pending_request: Optional[PendingRequest]):
+        if self._shares:
+            self._take_peer_bookings()
         now = time.time()
         view = request_view(pending_request, now)
         internal_id = pending_request.metadata.internal_request_id if pending_request is not None else ""
@@ -365,18 +370,28 @@ class HalffullRequestRouter(RequestRouter):
         if count is not None:
             self._finish(request_id, waiting.replica_id, waiting.num_prompt_tokens, count, time.time())
 
-    def _peer_bookings(self, batch: list) -> None:
-        """Peers' bookings arrived (router/peers.py ``deliver``, on the link's receiver thread): applied on our
-        loop. Before this router's first decision it has no loop yet, and knows no replica to apply them to."""
-        loop = self._loop
-        if self._shares and loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._apply_peers, batch)
+    def _peer_bookings(self, batch: list, arrived: float) -> None:
+        """Peers' bookings that reached this process at ``arrived`` (router/peers.py ``deliver``, from any thread):
+        queued for this router's next decision (bounded: the oldest go first, the stats supersede them)."""
+        if self._shares:
+            self._peer_inbox.append((batch, arrived))
 
-    def _apply_peers(self, batch: list) -> None:
+    def _take_peer_bookings(self) -> None:
+        """Before a decision: everything the peers sent that reached this process, applied."""
         try:
-            now, lags = time.time(), self.peer_lags
-            self.peer_bookings_applied += peers.apply(batch, self.accounting, self.policy, now,
-                                                      self._replica_ids.__contains__, lambda at: lags.append(now - at))
+            peers.poll()
+        except Exception:
+            self._log_error("halffull router: polling peer bookings failed")
+        inbox = self._peer_inbox
+        while inbox:
+            self._apply_peers(*inbox.popleft())
+
+    def _apply_peers(self, batch: list, arrived: float) -> None:
+        try:
+            lags = self.peer_lags
+            self.peer_bookings_applied += peers.apply(batch, self.accounting, self.policy, arrived,
+                                                      self._replica_ids.__contains__,
+                                                      lambda at: lags.append(arrived - at))
         except Exception:
             self._log_error("halffull router: applying peer bookings failed")
 

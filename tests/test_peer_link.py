@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import time
 
 import pytest
@@ -17,9 +18,11 @@ from halffull.router import peers
 class Listener:
     def __init__(self):
         self.batches: list[list] = []
+        self.arrivals: list[float] = []
 
-    def _peer_bookings(self, batch: list) -> None:
+    def _peer_bookings(self, batch: list, arrived: float) -> None:
         self.batches.append(batch)
+        self.arrivals.append(arrived)
 
 
 class FakeBroadcast:
@@ -59,21 +62,29 @@ def listener():
     peers.detach_sender()
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="arrival times from the kernel (SO_TIMESTAMP) on Linux only")
 def test_two_links_find_each_other_and_carry_bookings(listener):
     async def scenario():
         links: list[PeerLink] = []
         handle = FakeBroadcast(links, ["proc-a", "proc-b"])
-        a = PeerLink("127.0.0.1", lambda: handle, hello_every_s=0.2)
-        b = PeerLink("127.0.0.1", lambda: handle, hello_every_s=0.2)
+        a = PeerLink("127.0.0.1", lambda: handle, hello_every_s=0.2, poll_every_s=60)
+        b = PeerLink("127.0.0.1", lambda: handle, hello_every_s=0.2, poll_every_s=60)
         links += [a, b]
         try:
             a.ensure_started()
             b.ensure_started()
             await wait_for(lambda: len(a.live_peers()) == 1 and len(b.live_peers()) == 1)
-            batch = [peers.booking("r0", time.time(), 120, 30.0, (5, 6))]
+            sent_at = time.time()
+            batch = [peers.booking("r0", sent_at, 120, 30.0, (5, 6))]
             a.send(batch)
-            await wait_for(lambda: listener.batches)
+            await asyncio.sleep(0.05)
+            assert listener.batches == []  # it waits in b's socket until a poll (a router's, before it decides)
+            polled_at = time.time()
+            assert peers.poll() == 1
             assert listener.batches == [batch] and b.num_received == 1 and a.num_bookings_sent == 1
+            # its arrival time is the kernel's receive time, not the poll's
+            assert sent_at <= listener.arrivals[0] <= polled_at - 0.04
+            assert peers.poll() == 0 and b.poll() == 0  # nothing more: returns at once
         finally:
             a.close()
             b.close()
@@ -81,9 +92,44 @@ def test_two_links_find_each_other_and_carry_bookings(listener):
     asyncio.run(scenario())
 
 
+def test_the_links_timer_delivers_when_no_router_polls(listener):
+    async def scenario():
+        link = PeerLink("127.0.0.1", lambda: FakeBroadcast([], []), hello_every_s=60, poll_every_s=0.05)
+        link.ensure_started()
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(peers.encode(link.token, [peers.booking("r0", 1.0, 1, 1.0)]), ("127.0.0.1", link.port))
+            await wait_for(lambda: listener.batches)
+            assert listener.batches == [[("r0", 1.0, 1, 1.0, ())]] and link.num_received == 1
+        finally:
+            link.close()
+
+    asyncio.run(scenario())
+
+
+def test_one_poll_takes_at_most_max_poll_datagrams(listener, monkeypatch):
+    monkeypatch.setattr(peer_link, "MAX_POLL_DATAGRAMS", 3)
+
+    async def scenario():
+        link = PeerLink("127.0.0.1", lambda: FakeBroadcast([], []), hello_every_s=60, poll_every_s=60)
+        link.ensure_started()
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                for i in range(5):
+                    s.sendto(peers.encode(link.token, [peers.booking("r0", float(i), 1, 1.0)]),
+                             ("127.0.0.1", link.port))
+            await wait_for(lambda: link.poll() == 3)
+            assert link.poll() == 2 and link.poll() == 0
+            assert [b[0][1] for b in listener.batches] == [0.0, 1.0, 2.0, 3.0, 4.0]  # in arrival order
+        finally:
+            link.close()
+
+    asyncio.run(scenario())
+
+
 def test_datagrams_without_the_receivers_token_are_dropped(listener):
     async def scenario():
-        link = PeerLink("127.0.0.1", lambda: FakeBroadcast([], []), hello_every_s=60)
+        link = PeerLink("127.0.0.1", lambda: FakeBroadcast([], []), hello_every_s=60, poll_every_s=0.05)
         link.ensure_started()
         try:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

@@ -84,13 +84,14 @@ PEER_APP = "peerlag"
 
 
 def peer_lags(app: str) -> list[float]:
-    """Lags (s) from a peer's decision to this router applying its booking, as the routers of ``app`` log them."""
+    """Lags (s) from a peer's decision to its booking reaching this router's process (the datagram's kernel
+    receive time: every decision from then on sees it), as the routers of ``app`` log them."""
     return [float(x) / 1000 for m in ingress_log_matches(app, PEER_LINE) for x in m.group(2).split()]
 
 
 def test_peer_bookings_reach_the_other_routers_within_milliseconds(ray_cluster):
     """The simulator's ``peer_delay_s`` (loadtest/sim/cluster.py ``PEER_DELAY_S``): 4 ingress replicas, so 4 routers
-    broadcasting their bookings to each other (deploy/peer_sender.py), each logging the lag of those it applies."""
+    broadcasting their bookings to each other (deploy/peer_link.py), each logging the lag of those it applies."""
     url = ray_cluster.deploy(PEER_APP, {"num_replicas": 2, "ingress_replicas": 4, "router": "sal", "router_seed": 1,
                                         "speedup": 4.0, "stats_period_s": PERIOD_S})
     try:

@@ -269,8 +269,11 @@ class Listener:
     def __init__(self):
         self.batches: list[list] = []
 
-    def _peer_bookings(self, batch: list) -> None:
+        self.arrivals: list[float] = []
+
+    def _peer_bookings(self, batch: list, arrived: float) -> None:
         self.batches.append(batch)
+        self.arrivals.append(arrived)
 
 
 @pytest.fixture
@@ -318,9 +321,17 @@ def test_deliver_reaches_every_registered_router():
     peers.register(a)
     peers.register(b)
     batch = [peers.booking("r0", 1.0, 1, 1.0)]
-    assert peers.deliver(batch) >= 2
-    assert a.batches == [batch] and b.batches == [batch]
-    assert peers.deliver("not a list") == 0
+    assert peers.deliver(batch, 5.0) >= 2
+    assert a.batches == [batch] and b.batches == [batch] and a.arrivals == b.arrivals == [5.0]
+    assert peers.deliver("not a list", 5.0) == 0
+
+
+def test_poll_hands_over_to_the_attached_link_and_is_a_no_op_without_one(channel):
+    polls = []
+    peers.attach_sender(lambda batch: None, lambda: polls.append(1) or 2)
+    assert peers.poll() == 2 and polls == [1]
+    peers.detach_sender()
+    assert peers.poll() == 0 and polls == [1]
 
 
 def test_the_wire_format_round_trips_and_refuses_what_is_not_ours():

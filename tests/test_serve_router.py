@@ -415,21 +415,49 @@ def test_the_first_choice_is_booked_with_the_peers_net_of_its_prefix_credit():
         peers.detach_sender()
 
 
-def test_peers_bookings_are_applied_on_the_routers_loop_for_known_replicas_only():
+def test_peers_bookings_are_applied_before_the_next_decision_for_known_replicas_only():
     from halffull.router import peers
 
     async def main():
         router = make_router("sal")
         a = FakeReplica("a")
         router.update_replicas([a])
-        await router.choose_replicas([a], pending(ROUTING, "r1"))  # the router learns its loop
         now = time.time()
-        peers.deliver([("a", now, 700, 50.0, (1, 2)), ("elsewhere", now, 700, 50.0, ()), ("a", "bad", 1, 1.0, ())])
-        await asyncio.sleep(0.05)
+        peers.deliver([("a", now - 0.002, 700, 50.0, (1, 2)), ("elsewhere", now, 700, 50.0, ()),
+                       ("a", "bad", 1, 1.0, ())], now)
+        assert router.peer_bookings_applied == 0  # queued, not applied: nothing decides yet
+        await router.choose_replicas([a], pending(ROUTING, "r1"))
         return router
 
     router = run(main())
-    assert router.peer_bookings_applied == 1 and len(router.peer_lags) == 1
+    assert router.peer_bookings_applied == 1 and list(router.peer_lags) == [pytest.approx(0.002, abs=1e-6)]  # to arrival
     snap = router.accounting.snapshot("a", published())
     assert snap.delta_requests == 2 and snap.delta_prompt_tokens == 800
     assert router.policy.index.match((1, 2)) == {"a": 2}
+
+
+def test_a_decision_polls_the_link_first_and_sees_what_just_arrived():
+    """A peer's booking that reached the process just before a decision steers it: "a" took a peer's 4,000-token
+    prompt, so the decision goes to "b" (without the poll both look idle and the tie breaks at random)."""
+    from halffull.router import peers
+
+    arrived = []
+
+    def poll():  # the link's poll: one batch that reached this process just now
+        if arrived:
+            return 0
+        arrived.append(time.time())
+        return peers.deliver([("a", arrived[0] - 0.001, 4000, 50.0, ())], arrived[0])
+
+    peers.attach_sender(lambda batch: None, poll)
+    try:
+        async def main():
+            router = make_router("sal")
+            a, b = FakeReplica("a"), FakeReplica("b")
+            router.update_replicas([a, b])
+            return await router.choose_replicas([a, b], pending(ROUTING, "r1"))
+
+        ranked = run(main())
+        assert arrived and ranked[0][0].replica_id.unique_id == "b"
+    finally:
+        peers.detach_sender()

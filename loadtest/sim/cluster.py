@@ -59,12 +59,15 @@ from halffull.router.types import Completion, RequestView
 
 
 STATS_DELAY_S = 0.11  # live delivery delay, measured median (module docstring)
-# Live lag of a peer booking, measured median: from a router's decision (``routed_time``) to another ingress
-# replica's router applying it, over the UDP link (deploy/peer_link.py). tests/test_router_delivery_delay.py
-# (Ray 2.60, this repo's app, 4 ingress replicas, 2 simulated replicas at speedup 4, ~47 requests/s over HTTP for
-# 30 s on the 2-core host; every router logs the lags it applies): over 1,590 logged of ~4,200 applied, min 0.30,
-# median 1.20, mean 1.62, p90 2.90, p95 4.25, max 30.5 ms. (A Serve broadcast per batch instead: median 10.0 ms.)
-PEER_DELAY_S = 0.0012
+# Live lag of a peer booking, measured median: from a router's decision (``routed_time``) to the booking reaching
+# another ingress replica's process (the kernel's receive time of its UDP datagram, deploy/peer_link.py), from when
+# every decision there sees it (each router polls the link's socket before it decides).
+# tests/test_router_delivery_delay.py (Ray 2.60, this repo's app, 4 ingress replicas, 2 simulated replicas at
+# speedup 4, ~40-47 requests/s over HTTP for 30 s on the 2-core host; every router logs the lags it applies), three
+# runs of ~1,550 logged bookings: min 0.20 ms, median 0.40 / 0.40 / 0.30, p90 1.6 / 1.5 / 1.0, max 10.9 / 9.2 /
+# 6.2 ms. (With a receiver thread handing each datagram to the router's loop instead, the same test gave a median
+# of 1.2-1.8 ms; with a Serve broadcast per batch, 10.0 ms.)
+PEER_DELAY_S = 0.0004
 
 
 @dataclass(frozen=True)
