@@ -126,13 +126,12 @@ class InTransit:
     ``max_lag_s`` 1 s; the last 64 own send times are kept.
     """
 
-    __slots__ = ("tau_s", "lag_weight", "max_lag_s", "value", "lag", "_count", "_own", "_pairs", "_at", "_sent")
+    __slots__ = ("tau_s", "lag_weight", "max_lag_s", "value", "lag", "_own", "_pairs", "_at", "_sent")
 
     def __init__(self, tau_s: float = 2.0, lag_weight: float = 0.05, max_lag_s: float = 1.0) -> None:
         self.tau_s, self.lag_weight, self.max_lag_s = tau_s, lag_weight, max_lag_s
         self.value = 0.0
         self.lag: float | None = None
-        self._count = 0.0  # peers' bookings, decayed
         self._own = 0.0  # own sends, decayed
         self._pairs = 0.0  # (peer booking, own send within the lag of it) pairs, decayed
         self._at: float | None = None
@@ -143,7 +142,6 @@ class InTransit:
         lag = 0.0 if lag < 0 else (self.max_lag_s if lag > self.max_lag_s else lag)
         self.lag = lag if self.lag is None else self.lag + self.lag_weight * (lag - self.lag)
         self._decay(now)
-        self._count += 1.0
         horizon, mine = routed_time - self.lag, 0
         for t in reversed(self._sent):
             if t <= horizon:
@@ -169,7 +167,6 @@ class InTransit:
         if self._at is None or now > self._at:
             if self._at is not None:
                 factor = math.exp((self._at - now) / self.tau_s)
-                self._count *= factor
                 self._own *= factor
                 self._pairs *= factor
             self._at = now

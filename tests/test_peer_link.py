@@ -4,6 +4,7 @@ hellos a fake Serve broadcast carries between them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import sys
 import time
@@ -13,16 +14,7 @@ import pytest
 from halffull.deploy import peer_link
 from halffull.deploy.peer_link import PeerLink
 from halffull.router import peers
-
-
-class Listener:
-    def __init__(self):
-        self.batches: list[list] = []
-        self.arrivals: list[float] = []
-
-    def _peer_bookings(self, batch: list, arrived: float) -> None:
-        self.batches.append(batch)
-        self.arrivals.append(arrived)
+from tests.test_router_peers import Listener
 
 
 class FakeBroadcast:
@@ -45,6 +37,23 @@ class FakeBroadcast:
                 return [True] * len(links)
 
         return Response()
+
+
+@contextlib.contextmanager
+def lone_link(poll_every_s: float):
+    """A started link with no peers (call inside a running loop), closed on exit."""
+    link = PeerLink("127.0.0.1", lambda: FakeBroadcast([], []), hello_every_s=60, poll_every_s=poll_every_s)
+    link.ensure_started()
+    try:
+        yield link
+    finally:
+        link.close()
+
+
+def send_raw(link: PeerLink, *datagrams: bytes) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for data in datagrams:
+            s.sendto(data, ("127.0.0.1", link.port))
 
 
 async def wait_for(predicate, timeout_s: float = 5.0) -> None:
@@ -94,15 +103,10 @@ def test_two_links_find_each_other_and_carry_bookings(listener):
 
 def test_the_links_timer_delivers_when_no_router_polls(listener):
     async def scenario():
-        link = PeerLink("127.0.0.1", lambda: FakeBroadcast([], []), hello_every_s=60, poll_every_s=0.05)
-        link.ensure_started()
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.sendto(peers.encode(link.token, [peers.booking("r0", 1.0, 1, 1.0)]), ("127.0.0.1", link.port))
+        with lone_link(poll_every_s=0.05) as link:
+            send_raw(link, peers.encode(link.token, [peers.booking("r0", 1.0, 1, 1.0)]))
             await wait_for(lambda: listener.batches)
             assert listener.batches == [[("r0", 1.0, 1, 1.0, ())]] and link.num_received == 1
-        finally:
-            link.close()
 
     asyncio.run(scenario())
 
@@ -111,34 +115,21 @@ def test_one_poll_takes_at_most_max_poll_datagrams(listener, monkeypatch):
     monkeypatch.setattr(peer_link, "MAX_POLL_DATAGRAMS", 3)
 
     async def scenario():
-        link = PeerLink("127.0.0.1", lambda: FakeBroadcast([], []), hello_every_s=60, poll_every_s=60)
-        link.ensure_started()
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                for i in range(5):
-                    s.sendto(peers.encode(link.token, [peers.booking("r0", float(i), 1, 1.0)]),
-                             ("127.0.0.1", link.port))
+        with lone_link(poll_every_s=60) as link:
+            send_raw(link, *(peers.encode(link.token, [peers.booking("r0", float(i), 1, 1.0)]) for i in range(5)))
             await wait_for(lambda: link.poll() == 3)
             assert link.poll() == 2 and link.poll() == 0
             assert [b[0][1] for b in listener.batches] == [0.0, 1.0, 2.0, 3.0, 4.0]  # in arrival order
-        finally:
-            link.close()
 
     asyncio.run(scenario())
 
 
 def test_datagrams_without_the_receivers_token_are_dropped(listener):
     async def scenario():
-        link = PeerLink("127.0.0.1", lambda: FakeBroadcast([], []), hello_every_s=60, poll_every_s=0.05)
-        link.ensure_started()
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.sendto(peers.encode("not-the-token", [peers.booking("r0", 1.0, 1, 1.0)]), ("127.0.0.1", link.port))
-                s.sendto(b"\x00garbage", ("127.0.0.1", link.port))
+        with lone_link(poll_every_s=0.05) as link:
+            send_raw(link, peers.encode("not-the-token", [peers.booking("r0", 1.0, 1, 1.0)]), b"\x00garbage")
             await wait_for(lambda: link.num_dropped == 2)
             assert listener.batches == [] and link.num_received == 0
-        finally:
-            link.close()
 
     asyncio.run(scenario())
 
@@ -163,14 +154,10 @@ def test_a_large_batch_is_split_into_datagrams_under_the_limit():
 
 def test_sending_to_a_peer_that_is_gone_never_raises():
     async def scenario():
-        link = PeerLink("127.0.0.1", lambda: FakeBroadcast([], []), hello_every_s=60)
-        link.ensure_started()
-        try:
+        with lone_link(poll_every_s=60) as link:
             link.on_hello("proc-gone", "127.0.0.1", 1, "t")  # nothing listens on port 1
             for _ in range(3):
                 link.send([peers.booking("r0", 1.0, 1, 1.0)])
             assert link.num_bookings_sent == 3
-        finally:
-            link.close()
 
     asyncio.run(scenario())
