@@ -235,10 +235,21 @@ def test_cli_simulate_writes_json(tmp_path, capsys):
     assert "TTFT" in capsys.readouterr().out
 
 
+def test_step_model_flag_reaches_the_replicas(capsys):
+    tr = load_trace("azure_conv", rate_scale=4, limit=200)
+    runs = {m: simulate(tr, ClusterConfig(num_replicas=2, step_model=m)) for m in ("calibrated", "roofline")}
+    assert runs["calibrated"].summary["completed"] == runs["roofline"].summary["completed"] == 200
+    assert runs["calibrated"].summary["ttft_mean"] != runs["roofline"].summary["ttft_mean"]
+    assert cli_main(["simulate", "--limit", "20", "--step-model", "roofline", "--quiet"]) == 0
+    assert "whole-step roofline step model" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="step_model"):
+        ClusterConfig(step_model="vidur")
+
+
 @pytest.mark.parametrize("argv", [["simulate", "--router", "nope"], ["simulate", "--engine-policy", "nope"],
                                   ["simulate", "--trace", "/no/such/file.csv"],
-                                  ["simulate", "--router-param", "bogus=1"]],
-                         ids=["router", "engine", "trace", "param"])
+                                  ["simulate", "--router-param", "bogus=1"], ["simulate", "--step-model", "vidur"]],
+                         ids=["router", "engine", "trace", "param", "step-model"])
 def test_cli_bad_input_exits_2(argv, capsys):
     assert cli_main(argv + ["--limit", "10", "--quiet"]) == 2
     assert "error:" in capsys.readouterr().err
@@ -248,7 +259,7 @@ def test_bench_sim_reports_rates_and_checks_the_jump_against_stepping():
     from halffull.loadtest.bench.sim import bench_sim, compare_records
 
     r = bench_sim(repeats=1, reference_limit=150)
-    assert r["requests"] == r["completed"] > 10_000
+    assert r["requests"] == r["completed"] > 10_000 and r["step_model"] == "calibrated"
     assert r["sim_requests_per_s_median"] > 0 and r["slice_step_requests_per_s"] > 0
     assert r["slice_same_decisions"] is True and r["slice_max_relative_time_difference"] < 1e-9
     # compare_records sees a moved request and a shifted time

@@ -290,6 +290,26 @@ def test_calibrated_gpus_get_the_operator_model(gpu, calibrated):
     assert isinstance(latency_model(gpu, "llama3-8b"), OperatorLatencyModel) == calibrated
 
 
+@pytest.mark.parametrize("gpu", ["a100", "h100", "h200", "a10g", "l4"])
+def test_the_roofline_step_model_is_there_for_every_gpu_with_the_same_kv_capacity(gpu):
+    roofline, calibrated = latency_model(gpu, "llama3-8b", step_model="roofline"), latency_model(gpu, "llama3-8b")
+    assert type(roofline) is LatencyModel
+    assert roofline.num_kv_blocks(16) == calibrated.num_kv_blocks(16)
+    assert "roofline" in roofline.describe() and gpu in roofline.describe()
+    assert ("per-operator" in calibrated.describe()) == isinstance(calibrated, OperatorLatencyModel)
+
+
+def test_a_prefill_step_differs_between_the_two_step_models():
+    # the calibration moves step times (docs/results/calibration.md): the knob must reach the step time
+    roofline, calibrated = latency_model("h100", step_model="roofline"), latency_model("h100")
+    assert roofline.step_time(512, 512 * 513 // 2, 512) != calibrated.step_time(512, 512 * 513 // 2, 512)
+
+
+def test_an_unknown_step_model_fails_with_the_valid_ones():
+    with pytest.raises(ValueError, match="calibrated, roofline"):
+        latency_model("h100", step_model="vidur")
+
+
 STEPS = [
     # (num_tokens, attn_pairs, kv_read, num_seqs)
     (1, 129, 129, 1),  # one decode

@@ -11,11 +11,12 @@ import statistics
 import time
 
 from halffull.loadtest.sim.cluster import ClusterConfig, load_trace_for, simulate
+from halffull.replicas.sim.profile_model import STEP_MODELS
 
 
 def bench_sim(trace_name: str = "azure_conv", replicas: int = 4, router: str = "sal", engine: str = "fcfs",
-              repeats: int = 3, reference_limit: int = 2000) -> dict:
-    cfg = ClusterConfig(num_replicas=replicas, router=router, engine_policy=engine)
+              repeats: int = 3, reference_limit: int = 2000, step_model: str = "calibrated") -> dict:
+    cfg = ClusterConfig(num_replicas=replicas, router=router, engine_policy=engine, step_model=step_model)
     trace = load_trace_for(cfg, trace_name)
     rates = []
     for _ in range(repeats):
@@ -25,13 +26,15 @@ def bench_sim(trace_name: str = "azure_conv", replicas: int = 4, router: str = "
     head = trace[:reference_limit]
     jump_rate, step_rate, runs = [], [], []
     for jump, sink in ((True, jump_rate), (False, step_rate)):
-        ref_cfg = ClusterConfig(num_replicas=replicas, router=router, engine_policy=engine, jump=jump)
+        ref_cfg = ClusterConfig(num_replicas=replicas, router=router, engine_policy=engine, jump=jump,
+                                step_model=step_model)
         start = time.perf_counter()
         runs.append(simulate(head, ref_cfg).records)
         sink.append(len(head) / (time.perf_counter() - start))
     same, worst = compare_records(*runs)
     return {
         "trace": trace_name, "requests": len(trace), "replicas": replicas, "router": router, "engine": engine,
+        "step_model": step_model,
         "sim_requests_per_s_median": statistics.median(rates), "sim_requests_per_s_runs": rates,
         "slice": len(head), "slice_jump_requests_per_s": jump_rate[0], "slice_step_requests_per_s": step_rate[0],
         "completed": result.summary["completed"],
@@ -54,9 +57,10 @@ def compare_records(a: list, b: list) -> tuple[bool, float]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    r = bench_sim(args.trace, args.replicas, args.router, args.engine_policy, args.repeats, args.reference_limit)
-    print(f"offline simulator, {r['trace']} ({r['requests']} requests), {r['replicas']} x H100 llama3-8b, "
-          f"router {r['router']}, engine {r['engine']}")
+    r = bench_sim(args.trace, args.replicas, args.router, args.engine_policy, args.repeats, args.reference_limit,
+                  args.step_model)
+    print(f"offline simulator, {r['trace']} ({r['requests']} requests), {r['replicas']} x H100 llama3-8b "
+          f"({r['step_model']} step model), router {r['router']}, engine {r['engine']}")
     runs = ", ".join(f"{x:,.0f}" for x in r["sim_requests_per_s_runs"])
     print(f"  simulated requests/s (jump, median of {len(r['sim_requests_per_s_runs'])}): "
           f"{r['sim_requests_per_s_median']:,.0f}   [{runs}]")
@@ -77,3 +81,5 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-policy", default="fcfs")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--reference-limit", type=int, default=2000, help="slice for the step-by-step comparison")
+    p.add_argument("--step-model", default="calibrated", metavar="|".join(STEP_MODELS),
+                   help="roofline: the step model before the calibration, for its cost side by side")

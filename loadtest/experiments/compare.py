@@ -129,7 +129,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     wall = time.monotonic() - start
     requests = {t: sorted({r["requests"] for r in rows if r["trace"] == t}) for t in traces}
     notes = [
-        f"fleet: {base.num_replicas} replicas, {base.gpu} {base.model}, stats period {base.stats_period_s:g} s, "
+        f"fleet: {base.num_replicas} replicas, {base.gpu} {base.model} ({base.step_model} step model), "
+        f"stats period {base.stats_period_s:g} s, "
         f"{base.num_routers} router(s), seed {base.seed} (experiments may override)",
         "requests per run: " + ", ".join(f"{t}: {'/'.join(map(str, n))}" for t, n in requests.items()),
         f"{len(runs)} simulations, {sum(r['sim_wall_s'] for r in rows):.1f} s of simulation in {wall:.1f} s wall",

@@ -17,6 +17,7 @@ import yaml
 from halffull.loadtest.progress import Progress
 from halffull.loadtest.sim.cluster import PEER_DELAY_S, STATS_DELAY_S, ClusterConfig, ClusterSim, config_dict, load_trace_for
 from halffull.loadtest.sim.metrics import Slo, format_table
+from halffull.replicas.sim.profile_model import STEP_MODELS
 
 
 def parse_params(items: list[str] | None) -> dict[str, Any]:
@@ -58,6 +59,9 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-ttft", type=float, default=2.0)
     p.add_argument("--slo-tpot", type=float, default=0.1)
     p.add_argument("--no-jump", action="store_true", help="step one token at a time (reference mode)")
+    p.add_argument("--step-model", default="calibrated", metavar="|".join(STEP_MODELS),
+                   help="calibrated (default): the per-operator model where the GPU has a calibration; roofline: "
+                        "the whole-step roofline, as before the calibration")
 
 
 def cluster_config(args: argparse.Namespace) -> ClusterConfig:
@@ -67,7 +71,7 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
         model=args.model, tp=args.tp, block_size=args.block_size, num_blocks=args.num_blocks,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         stats_period_s=args.stats_period, stats_delay_s=args.stats_delay, num_routers=args.num_routers,
-        peer_delay_s=args.peer_delay, seed=args.seed, jump=not args.no_jump,
+        peer_delay_s=args.peer_delay, seed=args.seed, jump=not args.no_jump, step_model=args.step_model,
     )
 
 

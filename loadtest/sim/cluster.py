@@ -48,7 +48,7 @@ from halffull.replicas.engine.policies import make_engine_policy
 from halffull.replicas.engine.request import Request, hash_trace_blocks
 from halffull.replicas.engine.scheduler import Scheduler, SchedulerConfig
 from halffull.replicas.sim.latency import LatencyModel
-from halffull.replicas.sim.profile_model import latency_model
+from halffull.replicas.sim.profile_model import check_step_model, latency_model
 from halffull.replicas.sim.virtual import SimReplica
 from halffull.router.accounting import RouterAccounting, routed_estimates
 from halffull.router.estimate import OutputLengthEstimator
@@ -93,8 +93,10 @@ class ClusterConfig:
     prefix_block_size: int = 512  # router-side prefix hash granularity (the trace's block size)
     seed: int = 0
     jump: bool = True
+    step_model: str = "calibrated"  # profile_model.STEP_MODELS: "roofline" = the step model before calibration
 
     def __post_init__(self):
+        check_step_model(self.step_model)
         if self.num_replicas < 1 or self.num_routers < 1:
             raise ValueError("num_replicas and num_routers must be >= 1")
         if self.stats_period_s < 0 or self.stats_delay_s < 0 or self.peer_delay_s < 0:
@@ -140,7 +142,7 @@ class ClusterSim:
     def __init__(self, cfg: ClusterConfig, *, slo: Slo = Slo()):
         self.cfg = cfg
         self.slo = slo
-        self.latency = latency_model(cfg.gpu, cfg.model, cfg.tp)
+        self.latency = latency_model(cfg.gpu, cfg.model, cfg.tp, step_model=cfg.step_model)
         num_blocks = cfg.num_blocks or self.latency.num_kv_blocks(cfg.block_size)
         default_tokens, default_seqs = vllm_engine_defaults(self.latency)
         self.sched_config = SchedulerConfig(

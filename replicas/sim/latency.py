@@ -372,13 +372,15 @@ class LatencyModel:
         """floor(kv_room / (block_size * kv_bytes_per_token)), kv_room as in `_kv_room_bytes`."""
         return max(0, math.floor(self._kv_room_bytes() / (block_size * self.model.kv_bytes_per_token)))
 
+    STEP_MODEL = "whole-step roofline step model"
+
     def describe(self) -> str:
-        """One line: gpu, model, tp, KV capacity."""
+        """One line: gpu, model, tp, KV capacity, step model."""
         tokens = self.num_kv_blocks(1)
         return (
             f"{self.model.name} on {self.tp}x {self.gpu.name}: KV capacity {tokens:,} tokens "
             f"({tokens * self.model.kv_bytes_per_token / 1e9:.1f} GB at gpu_memory_utilization "
-            f"{self.gpu_memory_utilization})"
+            f"{self.gpu_memory_utilization}); {self.STEP_MODEL}"
         )
 
     def __repr__(self) -> str:

@@ -171,6 +171,8 @@ class Shapes:
 class OperatorLatencyModel(LatencyModel):
     """``LatencyModel`` with the per-operator step time (module docstring); KV capacity is unchanged."""
 
+    STEP_MODEL = "per-operator step model (calibrated)"
+
     def __init__(self, gpu: GpuSpec, model: ModelSpec, tp: int = 1, *, calibration: GpuCalibration, **engine):
         cal, shapes = calibration, Shapes.of(model, tp)
         if tp > 1 and tp not in cal.allreduce:
@@ -300,10 +302,6 @@ class OperatorLatencyModel(LatencyModel):
         a = fixed + s_kv * (context + batch)
         b = s_kv * batch
         return DecodeRunTimes(num_steps, num_steps, a, b, a, b)
-
-    def describe(self) -> str:
-        return super().describe() + "; per-operator step model (calibrated)"
-
 
 @functools.cache
 def calibration_for(gpu: str) -> GpuCalibration:
