@@ -6,7 +6,7 @@
     python -m halffull.replicas.sim.calibrate --slice DIR     # re-cut the shipped slices from full tables in DIR
 
 Data: the shipped slices in calibration/ (vidur.py). No GPU of ours was lent to this work: nothing here is
-checked against a run of ours.
+checked against a run of ours (op_timing.py is ready for one: below).
 
 A100 (from its own Llama-3-8B tables, fit set = prefill 128-8192 tokens and decode B <= 256 at cached
 contexts 32, 512, 2048; every other row is held back):
@@ -17,6 +17,9 @@ contexts 32, 512, 2048; every other row is held back):
   kv write eff, fixed            least squares over the decode fit rows' kv_cache_save
   all-reduce (tp 2, 4, 8)        least squares t = latency + bytes / bandwidth, relative, per GPU count
   Every inverse efficiency is clipped at >= 1 (no operator beats the datasheet peak).
+A GPU with Llama-3-8B tables of its own in calibration/ (``{gpu}_llama3-8b_ops.csv`` and ``_attention.csv``, as
+  replicas/sim/op_timing.py measures them on a lent GPU, which has none of halffull's dependencies) is fitted
+  on them exactly as A100 is (``fit_own_tables``), and ``report`` compares it with them. H100 until then:
 H100 (no Llama-3-8B tables): the A100 fit times the H100/A100 ratios fitted the same way on Llama-2-7B, which
   both GPUs profile (same hidden size and layer count): u_lin per knot (knots above 4,096 tokens, where the
   Llama-2 tables end, take the 4,096 ratio); elementwise eff and fixed; decode attention and KV write eff
@@ -138,27 +141,40 @@ def fit_allreduce(gpu: str) -> dict[int, list[float]]:
     return out
 
 
-def fit_gpu_ops(name: str, model: ModelSpec, gpu: GpuSpec, knots: tuple[int, ...]) -> dict:
+def fit_gpu_ops(name: str, model: ModelSpec, gpu: GpuSpec, knots: tuple[int, ...],
+                directory: Path = vidur.SHIPPED_DIR) -> dict:
     """The op-table parts (linear knots, elementwise) of one GPU x model table."""
-    ops, sh = vidur.read_ops(name), Shapes.of(model, 1)
+    ops, sh = vidur.read_ops(name, 1, directory), Shapes.of(model, 1)
     eff, fixed = fit_elementwise(ops, sh, gpu)
     tile, u = fit_linear(ops, sh, gpu, knots)
     return {"tile": tile, "u": u, "elementwise_eff": eff, "elementwise_fixed_s": fixed}
 
 
-def fit_a100() -> dict:
+FIT_SET = "fit set prefill 128-8192, decode B<=256 at contexts 32/512/2048"
+A100_SOURCE = "fitted on Vidur A100 Llama-3-8B operator tables (calibration/, MIT); " + FIT_SET
+OWN_SOURCE = ("fitted on {gpu} Llama-3-8B operator timings of our own (calibration/{gpu}_llama3-8b_*.csv, measured "
+              "by replicas/sim/op_timing.py; its _timing.json: device and command); " + FIT_SET +
+              "; all-reduce from Vidur's {gpu} DGX table")
+
+
+def fit_own_tables(gpu_name: str, source: str, directory: Path = vidur.SHIPPED_DIR) -> dict:
+    """A GPU's calibration from its own Llama-3-8B tables (Vidur's for A100; op_timing.py's for the others):
+    the same fit for every GPU (module docstring)."""
     profiles = load_profiles()
-    gpu, model = profiles.gpus["a100"], profiles.models["llama3-8b"]
-    ops = fit_gpu_ops("a100_llama3-8b", model, gpu, LINEAR_KNOTS)
-    rows = [r for r in vidur.reference_rows() if in_fit_set(r)]
+    gpu, model, name = profiles.gpus[gpu_name], profiles.models["llama3-8b"], f"{gpu_name}_llama3-8b"
+    ops = fit_gpu_ops(name, model, gpu, LINEAR_KNOTS, directory)
+    rows = [r for r in vidur.reference_rows(directory, name) if in_fit_set(r)]
     return {
-        "source": "fitted on Vidur A100 Llama-3-8B operator tables (calibration/, MIT); "
-                  "fit set prefill 128-8192, decode B<=256 at contexts 32/512/2048",
+        "source": source,
         "linear_tokens": list(LINEAR_KNOTS), "linear_inv_eff": ops["u"], "linear_tile_tokens": ops["tile"],
         "elementwise_eff": ops["elementwise_eff"], "elementwise_fixed_s": ops["elementwise_fixed_s"],
         **fit_attention_and_kv_write(rows, Shapes.of(model, 1), gpu),
-        "allreduce": fit_allreduce("a100"),
+        "allreduce": fit_allreduce(gpu_name),
     }
+
+
+def fit_a100() -> dict:
+    return fit_own_tables("a100", A100_SOURCE)
 
 
 def llama2_ratios() -> dict:
@@ -195,9 +211,14 @@ def carry_to_h100(a100: dict, r: dict) -> dict:
     }
 
 
-def fit_all() -> dict[str, dict]:
-    a100 = fit_a100()
-    h100 = carry_to_h100(a100, llama2_ratios())
+def fit_all(directory: Path = vidur.SHIPPED_DIR) -> dict[str, dict]:
+    """Every calibrated GPU. H100 is fitted on its own Llama-3-8B tables when they are shipped (op_timing.py on
+    a lent H100), else carried over from A100."""
+    a100 = fit_own_tables("a100", A100_SOURCE, directory)
+    if vidur.has_tables("h100_llama3-8b", directory):
+        h100 = fit_own_tables("h100", OWN_SOURCE.format(gpu="h100"), directory)
+    else:
+        h100 = carry_to_h100(a100, llama2_ratios())
     h200 = dict(h100, source="DERIVED, unmeasured: the H100 calibration (compute, efficiencies, all-reduce) "
                              "with the H200 datasheet bandwidth; " + h100["source"])
     return {"a100": a100, "h100": h100, "h200": h200}
@@ -270,10 +291,11 @@ class Compared:
         return "decode B<=32" if self.row.num_tokens <= SMALL_BATCH else "decode B>32"
 
 
-def compare(new: OperatorLatencyModel, old: LatencyModel) -> list[Compared]:
-    """Every reference row against the calibrated (new) and the roofline (old) model."""
+def compare(new: OperatorLatencyModel, old: LatencyModel, directory: Path = vidur.SHIPPED_DIR,
+            name: str = "a100_llama3-8b") -> list[Compared]:
+    """Every reference row of one GPU's tables against the calibrated (new) and the roofline (old) model."""
     out = []
-    for r in vidur.reference_rows():
+    for r in vidur.reference_rows(directory, name):
         args = (r.num_tokens, r.attn_pairs, r.kv_tokens, r.num_seqs)
         parts = new.breakdown(*args)
         ops = sum(parts[g] for g in r.measured)
@@ -326,14 +348,21 @@ def tp_check(gpu_name: str = "a100") -> list[str]:
     return lines
 
 
-def report() -> str:
-    new = latency_model("a100", "llama3-8b")
+def report(directory: Path = vidur.SHIPPED_DIR) -> str:
     profiles = load_profiles()
-    old = LatencyModel(profiles.gpus["a100"], profiles.models["llama3-8b"])
-    rows = compare(new, old)
-    return "\n".join(["## Error per regime (whole step vs reference step)", "", *summary(rows), "",
-                      "## Every row (A100, Llama-3-8B)", "", *table(rows), "",
-                      "## Tensor-parallel shapes (held back): linear + elementwise per layer", "", *tp_check(), ""])
+    sections = []
+    for gpu in ("a100", "h100"):
+        name = f"{gpu}_llama3-8b"
+        if not vidur.has_tables(name, directory):
+            continue  # H100 without tables of its own: carried over, nothing measured to compare with
+        new = latency_model(gpu, "llama3-8b")
+        old = LatencyModel(profiles.gpus[gpu], profiles.models["llama3-8b"])
+        rows = compare(new, old, directory, name)
+        title = gpu.upper() + ("" if gpu == "a100" else ", own tables (op_timing.py)")
+        sections += [f"## Error per regime (whole step vs reference step), {title}", "", *summary(rows), "",
+                     f"## Every row ({title}, Llama-3-8B)", "", *table(rows), ""]
+    return "\n".join(sections + ["## Tensor-parallel shapes (held back): linear + elementwise per layer", "",
+                                  *tp_check(), ""])
 
 
 def main(argv: list[str] | None = None) -> int:

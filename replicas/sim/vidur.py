@@ -125,10 +125,11 @@ def read_ops(name: str, tp: int = 1, directory: Path = SHIPPED_DIR) -> dict[int,
     return table
 
 
-def read_attention(directory: Path = SHIPPED_DIR) -> list[dict]:
-    """Rows of the shipped A100 Llama-3-8B attention table (times in seconds per layer)."""
+def read_attention(directory: Path = SHIPPED_DIR, name: str = "a100_llama3-8b") -> list[dict]:
+    """Rows of one shipped attention table (times in seconds per layer): Vidur's A100 Llama-3-8B, or a GPU's
+    own (op_timing.py)."""
     rows = []
-    for r in csv.DictReader((directory / "a100_llama3-8b_attention.csv").open()):
+    for r in csv.DictReader((directory / f"{name}_attention.csv").open()):
         row = {k: int(r[k]) for k in ("batch_size", "kv_cache_size", "prefill_chunk_size")}
         row |= {k: float(r[k]) * 1e-3 for k in ATTENTION_COLUMNS}
         rows.append(row | {"is_prefill": r["is_prefill"] == "True"})
@@ -151,11 +152,16 @@ def _layer_groups(op: dict[str, float]) -> dict[str, float]:
     }
 
 
-def reference_rows(directory: Path = SHIPPED_DIR) -> list[Row]:
-    """Every measured Llama-3-8B / A100 batch (module docstring), prefill rows first."""
-    ops = read_ops("a100_llama3-8b", 1, directory)
+def has_tables(name: str, directory: Path = SHIPPED_DIR) -> bool:
+    """Whether both an ops and an attention table of ``name`` (e.g. "h100_llama3-8b") are shipped."""
+    return (directory / f"{name}_ops.csv").is_file() and (directory / f"{name}_attention.csv").is_file()
+
+
+def reference_rows(directory: Path = SHIPPED_DIR, name: str = "a100_llama3-8b") -> list[Row]:
+    """Every measured Llama-3-8B batch of one GPU's tables (module docstring), prefill rows first."""
+    ops = read_ops(name, 1, directory)
     rows = []
-    for a in read_attention(directory):
+    for a in read_attention(directory, name):
         n = a["prefill_chunk_size"] if a["is_prefill"] else a["batch_size"]
         if n not in ops:
             continue
