@@ -14,8 +14,8 @@ REGIMES = [(regime, fit) for regime in ("prefill", "decode B<=32", "decode B>32"
 BOUND = {True: 0.10, False: 0.15}  # fit rows within 10%, held-back rows within 15%
 
 
-# GPUs fitted on Llama-3-8B tables of their own: A100 (Vidur's), and H100 once op_timing.py's are shipped
-OWN_TABLES = [gpu for gpu in ("a100", "h100") if vidur.has_tables(f"{gpu}_llama3-8b")]
+# GPUs fitted on Llama-3-8B tables of their own: A100 (Vidur's), and H100 / H200 once op_timing.py's are shipped
+OWN_TABLES = [gpu for gpu in calibrate.OWN_TABLE_GPUS if vidur.has_tables(f"{gpu}_llama3-8b")]
 
 
 @pytest.fixture(scope="module", params=OWN_TABLES)

@@ -46,15 +46,15 @@ def test_a_smoke_run_on_the_cpu_writes_tables_the_fit_reads(tmp_path):
     assert "--tiny" in meta["command"]
 
 
-def _with_own_h100_tables(tmp_path, speedup: float):
-    """The shipped slices plus H100 tables of our own, here the A100 ones ``speedup`` times faster."""
+def _with_own_tables(tmp_path, speedup: float, gpu: str = "h100"):
+    """The shipped slices plus ``gpu`` tables of our own, here the A100 ones ``speedup`` times faster."""
     shutil.copytree(vidur.SHIPPED_DIR, tmp_path, dirs_exist_ok=True)
     for kind, first_time_column in (("ops", 2), ("attention", 4)):
         with (vidur.SHIPPED_DIR / f"a100_llama3-8b_{kind}.csv").open() as f:
             rows = list(csv.reader(f))
         for row in rows[1:]:
             row[first_time_column:] = [f"{float(x) / speedup:.6f}" for x in row[first_time_column:]]
-        with (tmp_path / f"h100_llama3-8b_{kind}.csv").open("w", newline="") as f:
+        with (tmp_path / f"{gpu}_llama3-8b_{kind}.csv").open("w", newline="") as f:
             csv.writer(f, lineterminator="\n").writerows(rows)
     return tmp_path
 
@@ -65,7 +65,7 @@ def test_without_its_own_tables_h100_is_carried_over_from_a100():
 
 
 def test_with_its_own_tables_h100_is_fitted_on_them(tmp_path):
-    directory = _with_own_h100_tables(tmp_path, speedup=1.5)  # (below both peak ratios: no efficiency clipped)
+    directory = _with_own_tables(tmp_path, speedup=1.5)  # (below both peak ratios: no efficiency clipped)
     fits = calibrate.fit_all(directory)
     assert fits["h100"]["source"].startswith("fitted on h100 Llama-3-8B operator timings of our own")
     assert fits["a100"] == calibrate.fit_all()["a100"]  # A100 does not move
@@ -83,3 +83,10 @@ def test_with_its_own_tables_h100_is_fitted_on_them(tmp_path):
     # the tables it was fitted on moved it: an A100 1.5 times faster is not what the carry-over says
     assert fits["h100"]["linear_inv_eff"] != calibrate.fit_all()["h100"]["linear_inv_eff"]
     assert "own tables" in calibrate.report(directory)
+
+
+def test_h200_with_its_own_tables_is_fitted_on_them_and_no_longer_derived(tmp_path):
+    fits = calibrate.fit_all(_with_own_tables(tmp_path, speedup=1.5, gpu="h200"))
+    assert fits["h200"]["source"].startswith("fitted on h200") and "h100 DGX" in fits["h200"]["source"]
+    assert fits["h100"]["source"].startswith("UNCHECKED")  # H100 has no tables of its own here
+    assert fits["h200"]["linear_inv_eff"] != fits["h100"]["linear_inv_eff"]

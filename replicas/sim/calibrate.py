@@ -17,16 +17,17 @@ contexts 32, 512, 2048; every other row is held back):
   kv write eff, fixed            least squares over the decode fit rows' kv_cache_save
   all-reduce (tp 2, 4, 8)        least squares t = latency + bytes / bandwidth, relative, per GPU count
   Every inverse efficiency is clipped at >= 1 (no operator beats the datasheet peak).
-A GPU with Llama-3-8B tables of its own in calibration/ (``{gpu}_llama3-8b_ops.csv`` and ``_attention.csv``, as
-  replicas/sim/op_timing.py measures them on a lent GPU, which has none of halffull's dependencies) is fitted
-  on them exactly as A100 is (``fit_own_tables``), and ``report`` compares it with them. H100 until then:
+H100 or H200 with Llama-3-8B tables of its own in calibration/ (``{gpu}_llama3-8b_ops.csv`` and
+  ``_attention.csv``, as replicas/sim/op_timing.py measures them on a lent GPU, which has none of halffull's
+  dependencies) is fitted on them exactly as A100 is (``fit_own_tables``; all-reduce from Vidur's H100
+  table), and ``report`` compares it with them. Until then:
 H100 (no Llama-3-8B tables): the A100 fit times the H100/A100 ratios fitted the same way on Llama-2-7B, which
   both GPUs profile (same hidden size and layer count): u_lin per knot (knots above 4,096 tokens, where the
   Llama-2 tables end, take the 4,096 ratio); elementwise eff and fixed; decode attention and KV write eff
   take the memory-bound GEMM ratio (u_lin at 1 token), prefill attention the compute-bound one (u_lin at
   4,096 tokens: FlashAttention assumed to gain what GEMMs gain); fixed launch costs take the elementwise
   fixed ratio. All-reduce from the H100 table.
-H200: the H100 calibration as is -- H100 compute and efficiencies, H200 datasheet bandwidth (unmeasured).
+H200 (no tables): the H100 calibration as is -- H100 compute and efficiencies, H200 datasheet bandwidth.
 """
 
 from __future__ import annotations
@@ -154,7 +155,10 @@ FIT_SET = "fit set prefill 128-8192, decode B<=256 at contexts 32/512/2048"
 A100_SOURCE = "fitted on Vidur A100 Llama-3-8B operator tables (calibration/, MIT); " + FIT_SET
 OWN_SOURCE = ("fitted on {gpu} Llama-3-8B operator timings of our own (calibration/{gpu}_llama3-8b_*.csv, measured "
               "by replicas/sim/op_timing.py; its _timing.json: device and command); " + FIT_SET +
-              "; all-reduce from Vidur's {gpu} DGX table")
+              "; all-reduce from Vidur's {allreduce} DGX table")
+# GPUs that can be fitted on tables of their own, with the all-reduce table each takes (an H200 node has the
+# H100's NVLink generation). Others (a10g, l4) would need an all-reduce table of their own for tp > 1.
+OWN_TABLE_GPUS = {"a100": "a100", "h100": "h100", "h200": "h100"}
 
 
 def fit_own_tables(gpu_name: str, source: str, directory: Path = vidur.SHIPPED_DIR) -> dict:
@@ -169,7 +173,7 @@ def fit_own_tables(gpu_name: str, source: str, directory: Path = vidur.SHIPPED_D
         "linear_tokens": list(LINEAR_KNOTS), "linear_inv_eff": ops["u"], "linear_tile_tokens": ops["tile"],
         "elementwise_eff": ops["elementwise_eff"], "elementwise_fixed_s": ops["elementwise_fixed_s"],
         **fit_attention_and_kv_write(rows, Shapes.of(model, 1), gpu),
-        "allreduce": fit_allreduce(gpu_name),
+        "allreduce": fit_allreduce(OWN_TABLE_GPUS[gpu_name]),
     }
 
 
@@ -212,15 +216,17 @@ def carry_to_h100(a100: dict, r: dict) -> dict:
 
 
 def fit_all(directory: Path = vidur.SHIPPED_DIR) -> dict[str, dict]:
-    """Every calibrated GPU. H100 is fitted on its own Llama-3-8B tables when they are shipped (op_timing.py on
-    a lent H100), else carried over from A100."""
+    """Every calibrated GPU. H100 and H200 are fitted on their own Llama-3-8B tables when those are shipped
+    (op_timing.py on a lent GPU); until then H100 is carried over from A100 and H200 derived from H100."""
+    def own(gpu: str) -> dict | None:
+        if not vidur.has_tables(f"{gpu}_llama3-8b", directory):
+            return None
+        return fit_own_tables(gpu, OWN_SOURCE.format(gpu=gpu, allreduce=OWN_TABLE_GPUS[gpu]), directory)
+
     a100 = fit_own_tables("a100", A100_SOURCE, directory)
-    if vidur.has_tables("h100_llama3-8b", directory):
-        h100 = fit_own_tables("h100", OWN_SOURCE.format(gpu="h100"), directory)
-    else:
-        h100 = carry_to_h100(a100, llama2_ratios())
-    h200 = dict(h100, source="DERIVED, unmeasured: the H100 calibration (compute, efficiencies, all-reduce) "
-                             "with the H200 datasheet bandwidth; " + h100["source"])
+    h100 = own("h100") or carry_to_h100(a100, llama2_ratios())
+    h200 = own("h200") or dict(h100, source="DERIVED, unmeasured: the H100 calibration (compute, efficiencies, "
+                                            "all-reduce) with the H200 datasheet bandwidth; " + h100["source"])
     return {"a100": a100, "h100": h100, "h200": h200}
 
 
@@ -351,10 +357,10 @@ def tp_check(gpu_name: str = "a100") -> list[str]:
 def report(directory: Path = vidur.SHIPPED_DIR) -> str:
     profiles = load_profiles()
     sections = []
-    for gpu in ("a100", "h100"):
+    for gpu in OWN_TABLE_GPUS:
         name = f"{gpu}_llama3-8b"
         if not vidur.has_tables(name, directory):
-            continue  # H100 without tables of its own: carried over, nothing measured to compare with
+            continue  # without tables of its own: carried over or derived, nothing measured to compare with
         new = latency_model(gpu, "llama3-8b")
         old = LatencyModel(profiles.gpus[gpu], profiles.models["llama3-8b"])
         rows = compare(new, old, directory, name)
