@@ -143,6 +143,7 @@ class Layer:
         self.w_qkv, self.w_o = w((self.q + 2 * self.kv) * self.d, self.h), w(self.h, self.q * self.d)
         self.w_up, self.w_down = w(2 * self.ffn, self.h), w(self.h, self.ffn)
         self.norm = torch.ones(self.h, device=device, dtype=dtype)
+        self.gqa = self._native_gqa()
 
     def _rms_norm(self, x):
         if hasattr(self.F, "rms_norm"):
@@ -186,13 +187,22 @@ class Layer:
             return lambda: x + r
         raise ValueError(f"unknown op {name!r}")
 
-    def _sdpa(self, q, k, v, causal: bool):
+    def _native_gqa(self) -> bool:
+        """Whether SDPA takes the grouped KV heads as they are (torch >= 2.5: ``enable_gqa``) on this device;
+        probed once, so that no call inside a CUDA graph capture can fail over."""
+        t = lambda h: self.torch.randn(1, h, 4, self.d, device=self.device, dtype=self.dtype)  # noqa: E731
         try:
+            self.F.scaled_dot_product_attention(t(self.q), t(self.kv), t(self.kv), is_causal=True, enable_gqa=True)
+        except (TypeError, RuntimeError):
+            return False
+        return True
+
+    def _sdpa(self, q, k, v, causal: bool):
+        if self.gqa:
             return self.F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-        except TypeError:  # torch < 2.5: no enable_gqa; repeat the KV heads
-            rep = self.q // self.kv
-            return self.F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
-                                                       is_causal=causal)
+        rep = self.q // self.kv  # repeat the KV heads (what torch < 2.5 needs)
+        return self.F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                                   is_causal=causal)
 
     def attention(self, is_prefill: bool, batch: int, context: int, chunk: int) -> dict:
         """Zero-argument calls for the attention columns of one row (attn_prefill 0 on decode rows, and the
@@ -247,6 +257,7 @@ def measure(args: argparse.Namespace) -> dict:
             "shapes": "tiny (smoke run: not a calibration)" if args.tiny else "llama3-8b",
             "batch_ms": args.batch_ms, "batches": args.batches, "seconds": round(time.time() - start, 1),
             "timing": "CUDA graph replays" if device.startswith("cuda") else "perf_counter loops",
+            "attention": "SDPA, grouped KV heads " + ("native (enable_gqa)" if layer.gqa else "repeated"),
             "points_timed_as_launch_loops": timer.loops,
             "command": "python replicas/sim/op_timing.py " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
             "rows": {"ops": len(ops_rows), "attention": len(att_rows)}}
