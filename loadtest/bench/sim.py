@@ -7,6 +7,7 @@ per-request results).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -26,8 +27,7 @@ def bench_sim(trace_name: str = "azure_conv", replicas: int = 4, router: str = "
     head = trace[:reference_limit]
     jump_rate, step_rate, runs = [], [], []
     for jump, sink in ((True, jump_rate), (False, step_rate)):
-        ref_cfg = ClusterConfig(num_replicas=replicas, router=router, engine_policy=engine, jump=jump,
-                                step_model=step_model)
+        ref_cfg = dataclasses.replace(cfg, jump=jump)
         start = time.perf_counter()
         runs.append(simulate(head, ref_cfg).records)
         sink.append(len(head) / (time.perf_counter() - start))

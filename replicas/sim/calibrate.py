@@ -177,10 +177,6 @@ def fit_own_tables(gpu_name: str, source: str, directory: Path = vidur.SHIPPED_D
     }
 
 
-def fit_a100() -> dict:
-    return fit_own_tables("a100", A100_SOURCE)
-
-
 def llama2_ratios() -> dict:
     """H100/A100 ratios of the Llama-2-7B fits: u_lin per knot, elementwise eff and fixed."""
     profiles = load_profiles()

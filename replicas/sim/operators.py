@@ -303,6 +303,7 @@ class OperatorLatencyModel(LatencyModel):
         b = s_kv * batch
         return DecodeRunTimes(num_steps, num_steps, a, b, a, b)
 
+
 @functools.cache
 def calibration_for(gpu: str) -> GpuCalibration:
     """profiles.yaml's calibration entry of ``gpu``, parsed (cached)."""
