@@ -167,8 +167,10 @@ class OpenAIIngress:
                                       on_active=metrics.active.set)
         tokenizer = make_tokenizer(config)
         self.model, self.max_model_len, self.created = config.model_name(), config.max_model_len(), int(time.time())
+        # _by_reference=False: Serve's gRPC transport for this handle's calls (ray/serve/handle.py; Ray is pinned)
+        generate = llm.options(stream=True, _by_reference=config.replica_calls == "actor").generate
         self.generation = GenerationServing(
-            llm.options(stream=True).generate, tokenizer, model=self.model, max_model_len=self.max_model_len,
+            generate, tokenizer, model=self.model, max_model_len=self.max_model_len,
             backend=config.backend, prefix_block_size=config.prefix_block_size,
             max_output_tokens=config.max_output_tokens, replica_retries=config.replica_retries,
             request_timeout_s=config.request_timeout_s, retry_after_s=config.retry_after_s, metrics=metrics,

@@ -21,6 +21,7 @@ from halffull.replicas.sim.realtime import SimEngineConfig, check_engine_params,
 from halffull.replicas.vllm.config import VllmEngineConfig  # no vLLM import: the config section only
 from halffull.router.registry import make_policy
 
+REPLICA_CALLS = ("grpc", "actor")  # AppConfig.replica_calls
 RAY_DEFAULT_ROUTER = "ray_default"  # Ray Serve's own PowerOfTwoChoicesRequestRouter (baseline)
 _MAX_INT = 1 << 62
 _MAX_COUNT = 1 << 24  # limits and counts (Serve stores them as int32; 2x + slack must fit)
@@ -62,6 +63,10 @@ class AppConfig:
     # ingress x replica on the node IP, one message per engine step for all of that ingress's streams) instead of
     # one Serve stream item per stream per batch (~0.3-0.6 ms of CPU at each end per item).
     token_channel: bool = True
+    # How the ingress calls the LLM replicas (the per-request Serve call: routing, admission, the first batch,
+    # cancellation, failures): "grpc", the replicas' inter-deployment gRPC servers (the node IP), by value; or
+    # "actor", Ray actor calls and object references (Serve's default). gRPC costs less CPU per request.
+    replica_calls: str = "grpc"
     # Generation requests one ingress replica handles at once (queued for a replica, running or streaming);
     # beyond it 429 at once (Serve's own limit for the ingress is this + INGRESS_BURST_SLOTS).
     ingress_max_ongoing_requests: int = 4096
@@ -100,6 +105,8 @@ class AppConfig:
         if not 0 <= self.stream_interval_ms <= MAX_STREAM_INTERVAL_MS:
             raise ValueError(f"stream_interval_ms must be in [0, {MAX_STREAM_INTERVAL_MS:g}], "
                              f"got {self.stream_interval_ms}")
+        if self.replica_calls not in REPLICA_CALLS:
+            raise ValueError(f"replica_calls must be one of {list(REPLICA_CALLS)}, got {self.replica_calls!r}")
         if not 0 <= self.replica_retries <= 10:
             raise ValueError(f"replica_retries must be in [0, 10], got {self.replica_retries}")
         for name, value in (("stats_period_s", self.stats_period_s), ("retry_after_s", self.retry_after_s),

@@ -21,9 +21,11 @@ starts Ray itself, a ``ray start`` of your own) runs with Ray's defaults unless 
                                          one host, medians of 3: server CPU per streamed token through the
                                          proxy 0.506 -> 0.328 ms at 32 streams, 0.168 -> 0.166 at 128 (fuller
                                          events there); TTFT-out median 10.7 -> 3.4 ms at 32 streams.
-                                         (RAY_SERVE_USE_GRPC_BY_DEFAULT=1, gRPC for the ingress's own calls to
-                                         the LLM replicas too, added nothing: their tokens travel on halffull's
-                                         token channel.) The gRPC server is the one every Serve replica runs;
+                                         (The ingress's own calls to the LLM replicas go over gRPC by the app's
+                                         choice, per handle, whatever the environment says: AppConfig
+                                         ``replica_calls``, deploy/config.py. Their tokens travel on halffull's
+                                         token channel; what gRPC saves there is CPU per request.) The gRPC
+                                         server is the one every Serve replica runs;
                                          halffull's replicas bind it to the node IP
                                          (replicas/deployment.py ``bind_replica_grpc_to_node_ip``).
 """

@@ -335,6 +335,12 @@ def test_report_no_rows(capsys):
     assert table == []
 
 
+def test_unknown_app_is_refused_before_any_cluster_starts(capsys, monkeypatch):
+    monkeypatch.setattr("halffull.deploy.ray_env.apply", lambda: pytest.fail("a cluster was being set up"))
+    assert stream.main(["--apps", "halffull,fastest"]) == 2
+    assert "unknown app(s) fastest; known: halffull, default, halffull-actor" in capsys.readouterr().err
+
+
 # ---- smoke: the real command ------------------------------------------------------------------------------------
 SMOKE_ARGS = ["--streams", "2", "--tokens", "20", "--stream-rounds", "1", "--speeds", "inf", "--apps", "halffull",
               "--paths", "proxy", "--stream-replicas", "1"]
@@ -419,7 +425,11 @@ def test_bench_stream_smoke(ray_cluster, tmp_path):
             f"no GCS / raylet of the command's own cluster seen: {sorted(seen)}\n{report}"
 
         # Per phase: a progress line with tokens/s and CPU per token per role ...
-        assert re.search(rf"^idle cluster \(speed inf, halffull\): {NUM} CPU s/s$", stdout, re.M), report
+        parts = ", ".join(rf"{role} {NUM}" for role in ROLES[:-1])
+        idle = re.search(rf"^idle cluster \(speed inf, halffull\): {NUM} CPU s/s \({parts}\)$", stdout, re.M)
+        assert idle, report
+        total, *by_role = map(float, idle.groups())
+        assert abs(sum(by_role) - total) <= 0.003 * len(by_role), f"the idle roles do not add up\n{report}"
         roles = " ".join(rf"{role} {NUM}" for role in ROLES)
         for mode in ("stream", "plain"):
             line = re.search(rf"^round 1 speed inf +N= +2 {mode} +proxy +halffull +{NUM} tok/s +CPU/token {roles} ms$",

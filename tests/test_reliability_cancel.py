@@ -24,9 +24,12 @@ M = "llama3-8b"
 NUM_STREAMS = 100
 
 
-@pytest.fixture(scope="module")
-def base_url(ray_cluster):
-    url = ray_cluster.deploy(APP, {"num_replicas": 2, "speedup": 0.25, "stats_period_s": 0.2})
+@pytest.fixture(scope="module", params=["grpc", "actor"])
+def base_url(ray_cluster, request):
+    """The app, its ingress calling the LLM replicas over gRPC (the default) or over Ray actor calls: a
+    cancelled call must reach the replica's stream on both transports."""
+    url = ray_cluster.deploy(APP, {"num_replicas": 2, "speedup": 0.25, "stats_period_s": 0.2,
+                                   "replica_calls": request.param})
     yield url
     ray_cluster.delete(APP)
 

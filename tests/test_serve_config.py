@@ -95,9 +95,10 @@ def test_every_engine_policy_builds(policy):
         ({"engine": {"blocks": 2}}, "unknown sim engine option"),
         ({"gpu": "tpu"}, "unknown gpu"),
         ({"num_replicas": 0}, "num_replicas"),
+        ({"replica_calls": "http"}, "replica_calls must be one of"),
     ],
     ids=["typo", "unknown-router", "router-param", "engine-policy", "engine-overlap", "engine-option", "gpu",
-         "replicas"],
+         "replicas", "replica-calls"],
 )
 def test_bad_app_arguments_fail_at_build(args, message):
     with pytest.raises(ValueError, match=message):

@@ -11,6 +11,8 @@ For each speed (``1``: simulated H100s at their real step cadence, every stream 
 
     halffull   halffull's request router (``sal``)
     default    Ray Serve's PowerOfTwoChoicesRequestRouter (router: ray_default)
+    halffull-actor  as halffull, but the ingress calls the LLM replicas with Ray actor calls (replica_calls:
+               actor) instead of gRPC; only when listed in --apps
 
 Paths: ``proxy`` through Serve's HTTP proxy (the default deployment; it reaches the ingress over gRPC unless
 RAY_SERVE_PROXY_USE_GRPC=0 is exported: deploy/ray_env.py), ``direct`` to the ingress replicas' own
@@ -29,8 +31,8 @@ Reported per phase, medians over rounds:
     the phase (psutil), grouped as ``ingress`` and ``replica`` (this app's OpenAIIngress / LLMReplica
     actors), ``proxy`` (Serve's HTTP proxy actor), ``controller`` (ServeController), ``ray`` (raylet, GCS,
     every other process of the cluster), ``total`` (all of them; the other app's replicas excluded);
-  * marginal: total less what the deployed cluster burns idle (measured for 5 s before the rounds: stats
-    polling, health checks, metrics), i.e. what the tokens themselves cost;
+  * marginal: total less what the deployed cluster burns idle (measured for 5 s before the rounds and printed
+    per role: stats polling, health checks, metrics), i.e. what the tokens themselves cost;
   * TTFT-out (streamed): per request, the wall time its first SSE text bytes reached the client minus the time
     the replica got its first token from the engine (``LLMReplica.stream_timings``, wall clock, same host):
     what the serving path adds to TTFT.
@@ -48,6 +50,7 @@ import os
 import re
 import socket
 import statistics
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -58,7 +61,11 @@ from halffull.loadtest.bench.serve import percentile
 ROLES = ("ingress", "replica", "proxy", "controller", "ray", "total")
 IDLE_S = 5.0
 IDLE_CPU_PER_S: dict[tuple[str, str], float] = {}
-APPS = {"halffull": "sal", "default": "ray_default"}
+APPS = {  # app name -> its arguments besides the defaults
+    "halffull": {"router": "sal"},
+    "default": {"router": "ray_default"},
+    "halffull-actor": {"router": "sal", "replica_calls": "actor"},  # the ingress calls replicas by actor calls
+}
 
 
 # ---- per-process CPU ---------------------------------------------------------------------------------------
@@ -249,7 +256,7 @@ def run_speed(args, speed: str, port: int, rows: dict) -> None:
     paths = [p for p in args.paths.split(",") if p]
     for app in apps:
         serve.run(build_app({"num_replicas": args.stream_replicas, "ingress_replicas": args.ingress_replicas,
-                             "speedup": speed, "router": APPS[app], **extra}),
+                             "speedup": speed, **APPS[app], **extra}),
                   name=app, route_prefix=f"/{app}")
     ports = {(app, "proxy"): [port] for app in apps}
     if "direct" in paths:
@@ -260,8 +267,10 @@ def run_speed(args, speed: str, port: int, rows: dict) -> None:
         for app in apps:  # the deployed, idle cluster's own CPU (stats polling, health checks, metrics)
             before = cpu_by_process()
             time.sleep(IDLE_S)
-            IDLE_CPU_PER_S[(speed, app)] = cpu_by_role(before, cpu_by_process(), app)["total"] / IDLE_S
-            print(f"idle cluster (speed {speed}, {app}): {IDLE_CPU_PER_S[(speed, app)]:.3f} CPU s/s", flush=True)
+            idle = cpu_by_role(before, cpu_by_process(), app)
+            IDLE_CPU_PER_S[(speed, app)] = idle["total"] / IDLE_S
+            print(f"idle cluster (speed {speed}, {app}): {IDLE_CPU_PER_S[(speed, app)]:.3f} CPU s/s ("
+                  + ", ".join(f"{role} {idle[role] / IDLE_S:.3f}" for role in ROLES[:-1]) + ")", flush=True)
         for r in range(args.stream_rounds):
             for n in args.streams:
                 for mode in ("stream", "plain"):
@@ -288,7 +297,7 @@ def measure(args, rows: dict, speed: str, n: int, mode: str, path: str, app: str
     row.add(answers, seconds, cpu)
     if mode == "stream":
         row.ttft_out_ms += ttft_out_ms(answers, ids, replica_timings(app, args.stream_replicas))
-    print(f"round {r + 1} speed {speed:3s} N={n:3d} {mode:6s} {path:6s} {app:8s} {row.tokens_per_s[-1]:8.0f} tok/s"
+    print(f"round {r + 1} speed {speed:3s} N={n:3d} {mode:6s} {path:6s} {app:14s} {row.tokens_per_s[-1]:8.0f} tok/s"
           f"  CPU/token " + " ".join(f"{k} {v[-1]:.3f}" for k, v in row.cpu_ms.items()) + " ms", flush=True)
 
 
@@ -313,14 +322,14 @@ def report(rows: dict) -> None:
     hop = "gRPC" if os.environ.get("RAY_SERVE_PROXY_USE_GRPC") == "1" else "Ray actor calls"  # deploy/ray_env.py
     print(f"\nmedians over rounds; CPU in ms per output token (server processes of this Ray cluster); "
           f"proxy to ingress over {hop}")
-    print(f"{'speed':>5s} {'N':>4s} {'mode':6s} {'path':6s} {'app':8s} {'tok/s':>8s} "
+    print(f"{'speed':>5s} {'N':>4s} {'mode':6s} {'path':6s} {'app':14s} {'tok/s':>8s} "
           + " ".join(f"{r:>10s}" for r in ROLES) + f" {'marginal':>9s} {'TTFT-out p50/p90 ms':>20s}")
     for key in sorted(rows, key=lambda k: (k[0] != "1", k[1], k[2] != "stream", k[3], k[4])):
         row = rows[key]
         cells = " ".join(f"{statistics.median(row.cpu_ms[r]):10.3f}" for r in ROLES)
         ttft = (f"{percentile(row.ttft_out_ms, 0.5):8.2f} / {percentile(row.ttft_out_ms, 0.9):7.2f}"
                 if row.ttft_out_ms else "")
-        print(f"{row.speed:>5s} {row.streams:4d} {row.mode:6s} {row.path:6s} {row.app:8s} "
+        print(f"{row.speed:>5s} {row.streams:4d} {row.mode:6s} {row.path:6s} {row.app:14s} "
               f"{statistics.median(row.tokens_per_s):8.0f} {cells} {statistics.median(row.marginal_ms):9.3f} "
               f"{ttft:>20s}")
 
@@ -335,7 +344,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stream-replicas", type=int, default=4, help="LLMReplica replicas per app (default 4)")
     g.add_argument("--ingress-replicas", type=int, default=1)
     g.add_argument("--stream-interval-ms", type=float, default=None, help="default: the app's default")
-    g.add_argument("--apps", default="halffull,default")
+    g.add_argument("--apps", default="halffull,default", help=f"comma-separated, of {', '.join(APPS)}")
     g.add_argument("--ramp-s", type=float, default=1.0,
                    help="the N requests of a phase start evenly over this many seconds (0: all at once)")
     g.add_argument("--paths", default="proxy,direct",
@@ -346,6 +355,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    unknown = sorted(set(args.apps.split(",")) - set(APPS) - {""})
+    if unknown:
+        print(f"halffull bench stream: unknown app(s) {', '.join(unknown)}; known: {', '.join(APPS)}",
+              file=sys.stderr)
+        return 2
     ray_env.apply()  # loopback listeners (DESIGN.md §9), the gRPC proxy hop (deploy/ray_env.py)
     if "direct" in args.paths.split(","):
         # Read by every Serve process when it starts: the ingress replicas also serve HTTP on their own
