@@ -259,22 +259,40 @@ class OpenAIIngress:
             return err.response()
 
 
+# name -> default ("": unset unless set where the app is built)
+PROCESS_ENV = {"MALLOC_ARENA_MAX": "2", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": ""}
+
+
 def process_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """Environment variables of the app's replica processes (``runtime_env.env_vars``, set before they start).
+    """Environment variables of the app's replica processes (``runtime_env.env_vars``, set before they start):
+    those of ``PROCESS_ENV``, where a value set where the app is built wins and an empty one leaves the variable
+    unset (the default of glibc or Ray).
 
     ``MALLOC_ARENA_MAX=2``: glibc gives every thread that allocates its own malloc arena, and a Serve replica runs
     several (asyncio loop, Ray core worker, gRPC); freed memory scattered over many arenas is not given back, so
     resident memory creeps up under steady load. The 20-minute soak (1,656 requests, default app): the ingress
     grew +10.7% and the LLM replicas +6% with glibc's default, +6.8% and +4.6% with 2 arenas, at the same p99
-    TTFT. A value set where the app is built wins (``MALLOC_ARENA_MAX=`` empty: glibc's default)."""
-    arenas = environ.get("MALLOC_ARENA_MAX", "2")
-    return {"MALLOC_ARENA_MAX": arenas} if arenas else {}
+    TTFT.
+
+    ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD`` (Ray's default 1), passed on when exported where the app is
+    built: ``0`` runs the replica's own code (the ingress's ASGI app, the engine) on the replica's event loop
+    instead of a second thread's, as Ray's "throughput optimized" mode does. It pays with direct ingress (CPU
+    per streamed token and TTFT-out down) and costs behind Serve's proxy at high concurrency (the ingress's
+    one loop then also carries the proxy's gRPC traffic and falls behind: README "Streaming"), so the default
+    stays Ray's."""
+    out = {}
+    for name, default in PROCESS_ENV.items():
+        value = environ.get(name, default)
+        if value:
+            out[name] = value
+    return out
 
 
-def build_app(args: Mapping[str, Any] | None = None):
-    """The Serve application: ``OpenAIIngress`` in front of ``num_replicas`` ``LLMReplica``s."""
+def build_app(args: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None):
+    """The Serve application: ``OpenAIIngress`` in front of ``num_replicas`` ``LLMReplica``s; its replica
+    processes' environment comes from ``environ`` (default: this process's, ``process_env``)."""
     config = AppConfig.from_args(args)
-    env = process_env(os.environ)
+    env = process_env(os.environ if environ is None else environ)
     runtime_env = {"env_vars": env} if env else {}
     if config.backend == "vllm":
         config.vllm_config().check_engine_arg_names()  # here, not in AppConfig.check: it imports vLLM

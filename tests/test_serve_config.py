@@ -51,22 +51,32 @@ def test_default_app_builds_with_the_halffull_router():
     assert router.request_routing_stats_period_s == 0.5
 
 
+ONE_LOOP = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+
+
 @pytest.mark.parametrize(("environ", "expected"), [
-    pytest.param({}, {"MALLOC_ARENA_MAX": "2"}, id="default-two-arenas"),
+    pytest.param({}, {"MALLOC_ARENA_MAX": "2"}, id="defaults"),
     pytest.param({"MALLOC_ARENA_MAX": "8"}, {"MALLOC_ARENA_MAX": "8"}, id="builder-value-wins"),
     pytest.param({"MALLOC_ARENA_MAX": ""}, {}, id="empty-keeps-glibc-default"),
+    pytest.param({ONE_LOOP: "0", "PATH": "/bin"}, {"MALLOC_ARENA_MAX": "2", ONE_LOOP: "0"}, id="one-loop-passed-on"),
+    pytest.param({ONE_LOOP: ""}, {"MALLOC_ARENA_MAX": "2"}, id="empty-keeps-ray-default"),
 ])
 def test_process_env(environ, expected):
     assert process_env(environ) == expected
 
 
-def test_both_deployments_start_with_the_process_env(monkeypatch):
+@pytest.mark.parametrize(("environ", "expected"), [
+    pytest.param(None, {"MALLOC_ARENA_MAX": "2"}, id="this-process"),
+    pytest.param({ONE_LOOP: "0"}, {"MALLOC_ARENA_MAX": "2", ONE_LOOP: "0"}, id="given"),
+])
+def test_both_deployments_start_with_the_process_env(monkeypatch, environ, expected):
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    app = build_app(load_config()["applications"][0]["args"])
+    monkeypatch.delenv(ONE_LOOP, raising=False)
+    app = build_app(load_config()["applications"][0]["args"], environ=environ)
     llm = app._bound_deployment.init_args[0]._bound_deployment
     for deployment in (app._bound_deployment, llm):
         options = deployment.ray_actor_options
-        assert options["runtime_env"] == {"env_vars": {"MALLOC_ARENA_MAX": "2"}}, deployment.name
+        assert options["runtime_env"] == {"env_vars": expected}, deployment.name
     assert app._bound_deployment.ray_actor_options["num_cpus"] == 0  # the ingress still takes no CPU slot
 
 

@@ -173,8 +173,9 @@ def test_client_disconnect_aborts_the_request_on_the_replica(http):
     wait_until(lambda: replica_stats(replica)["num_running"] == 0, 10, message="the replica to be idle")
 
 
-def test_replica_processes_start_with_two_malloc_arenas(base_url):
-    """deploy/app.py process_env reaches the processes themselves (runtime_env, set before the worker starts)."""
+def test_replica_processes_start_with_the_app_process_env(base_url):
+    """deploy/app.py process_env reaches the processes themselves (runtime_env, set before the worker starts):
+    two malloc arenas, and Ray's own choice of loop for the user code."""
     import psutil
 
     found: dict[str, set] = {}
@@ -182,5 +183,7 @@ def test_replica_processes_start_with_two_malloc_arenas(base_url):
         title = (proc.info["cmdline"] or [""])[0]
         if title.startswith("ray::ServeReplica:e2e:"):  # proctitle: ray::ServeReplica:<app>:<deployment>[...]
             role = title.split(":")[4].split(".")[0].split()[0]
-            found.setdefault(role, set()).add(proc.environ().get("MALLOC_ARENA_MAX"))
-    assert found == {"OpenAIIngress": {"2"}, "LLMReplica": {"2"}}, found
+            env = proc.environ()
+            found.setdefault(role, set()).add((env.get("MALLOC_ARENA_MAX"),
+                                               env.get("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD")))
+    assert found == {"OpenAIIngress": {("2", None)}, "LLMReplica": {("2", None)}}, found

@@ -13,6 +13,9 @@ For each speed (``1``: simulated H100s at their real step cadence, every stream 
     default    Ray Serve's PowerOfTwoChoicesRequestRouter (router: ray_default)
     halffull-actor  as halffull, but the ingress calls the LLM replicas with Ray actor calls (replica_calls:
                actor) instead of gRPC; only when listed in --apps
+    halffull-1loop  as halffull, but Serve runs each replica's code on the replica's own event loop instead of
+               a second thread's (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0; deploy/app.py process_env);
+               only when listed
 
 Paths: ``proxy`` through Serve's HTTP proxy (the default deployment; it reaches the ingress over gRPC unless
 RAY_SERVE_PROXY_USE_GRPC=0 is exported: deploy/ray_env.py), ``direct`` to the ingress replicas' own
@@ -65,7 +68,9 @@ APPS = {  # app name -> its arguments besides the defaults
     "halffull": {"router": "sal"},
     "default": {"router": "ray_default"},
     "halffull-actor": {"router": "sal", "replica_calls": "actor"},  # the ingress calls replicas by actor calls
+    "halffull-1loop": {"router": "sal"},  # Serve runs the user code on the replica's own loop (APP_ENV)
 }
+APP_ENV = {"halffull-1loop": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}  # app -> replica env
 
 
 # ---- per-process CPU ---------------------------------------------------------------------------------------
@@ -255,9 +260,10 @@ def run_speed(args, speed: str, port: int, rows: dict) -> None:
     apps = [a for a in args.apps.split(",") if a]
     paths = [p for p in args.paths.split(",") if p]
     for app in apps:
-        serve.run(build_app({"num_replicas": args.stream_replicas, "ingress_replicas": args.ingress_replicas,
-                             "speedup": speed, **APPS[app], **extra}),
-                  name=app, route_prefix=f"/{app}")
+        app_args = {"num_replicas": args.stream_replicas, "ingress_replicas": args.ingress_replicas,
+                    "speedup": speed, **APPS[app], **extra}
+        serve.run(build_app(app_args, environ={**os.environ, **APP_ENV.get(app, {})}), name=app,
+                  route_prefix=f"/{app}")
     ports = {(app, "proxy"): [port] for app in apps}
     if "direct" in paths:
         ports.update({(app, "direct"): direct_ports(app, port, args.ingress_replicas) for app in apps})
