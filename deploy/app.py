@@ -288,11 +288,16 @@ def process_env(environ: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def build_app(args: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None):
-    """The Serve application: ``OpenAIIngress`` in front of ``num_replicas`` ``LLMReplica``s; its replica
-    processes' environment comes from ``environ`` (default: this process's, ``process_env``)."""
+def build_app(args: Mapping[str, Any] | None = None):
+    """The Serve application: ``OpenAIIngress`` in front of ``num_replicas`` ``LLMReplica``s. Serve's app
+    builder (``import_path`` of a config file), so exactly one parameter, as Serve requires."""
+    return build_app_with_env(args, os.environ)
+
+
+def build_app_with_env(args: Mapping[str, Any] | None, environ: Mapping[str, str]):
+    """``build_app``, its replica processes' environment taken from ``environ`` (``process_env``)."""
     config = AppConfig.from_args(args)
-    env = process_env(os.environ if environ is None else environ)
+    env = process_env(environ)
     runtime_env = {"env_vars": env} if env else {}
     if config.backend == "vllm":
         config.vllm_config().check_engine_arg_names()  # here, not in AppConfig.check: it imports vLLM

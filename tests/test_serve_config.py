@@ -10,7 +10,7 @@ import ray.exceptions
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from halffull.deploy.app import RAY_DEFAULT_ROUTER, AppConfig, build_app, process_env
+from halffull.deploy.app import RAY_DEFAULT_ROUTER, AppConfig, build_app, build_app_with_env, process_env
 from halffull.deploy.run import classify as _classify
 from halffull.replicas.engine.policies import engine_policy_names
 from halffull.router.registry import POLICY_NAMES
@@ -39,6 +39,15 @@ def deployment_options(app) -> dict:
     """The LLMReplica deployment inside a built application."""
     llm = app._bound_deployment.init_args[0]
     return llm._bound_deployment._deployment_config
+
+
+def test_serve_accepts_build_app_as_an_app_builder():
+    """What `serve run <config>` does with ``import_path``: Serve's own check wants exactly one parameter."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
+    app = call_user_app_builder_with_args_if_necessary(build_app, load_config()["applications"][0]["args"])
+    assert isinstance(app, Application)
 
 
 def test_default_app_builds_with_the_halffull_router():
@@ -72,7 +81,8 @@ def test_process_env(environ, expected):
 def test_both_deployments_start_with_the_process_env(monkeypatch, environ, expected):
     monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
     monkeypatch.delenv(ONE_LOOP, raising=False)
-    app = build_app(load_config()["applications"][0]["args"], environ=environ)
+    args = load_config()["applications"][0]["args"]
+    app = build_app(args) if environ is None else build_app_with_env(args, environ)
     llm = app._bound_deployment.init_args[0]._bound_deployment
     for deployment in (app._bound_deployment, llm):
         options = deployment.ray_actor_options

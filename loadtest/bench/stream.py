@@ -252,7 +252,7 @@ def direct_ports(app: str, proxy_port: int, num_ingress: int, timeout: float = 6
 def run_speed(args, speed: str, port: int, rows: dict) -> None:
     from ray import serve
 
-    from halffull.deploy.app import build_app
+    from halffull.deploy.app import build_app_with_env
 
     extra = {} if args.stream_interval_ms is None else {"stream_interval_ms": args.stream_interval_ms}
     if args.no_token_channel:
@@ -262,7 +262,7 @@ def run_speed(args, speed: str, port: int, rows: dict) -> None:
     for app in apps:
         app_args = {"num_replicas": args.stream_replicas, "ingress_replicas": args.ingress_replicas,
                     "speedup": speed, **APPS[app], **extra}
-        serve.run(build_app(app_args, environ={**os.environ, **APP_ENV.get(app, {})}), name=app,
+        serve.run(build_app_with_env(app_args, {**os.environ, **APP_ENV.get(app, {})}), name=app,
                   route_prefix=f"/{app}")
     ports = {(app, "proxy"): [port] for app in apps}
     if "direct" in paths:
