@@ -257,7 +257,7 @@ def run_speed(args, speed: str, port: int, rows: dict) -> None:
     extra = {} if args.stream_interval_ms is None else {"stream_interval_ms": args.stream_interval_ms}
     if args.no_token_channel:
         extra["token_channel"] = False
-    apps = [a for a in args.apps.split(",") if a]
+    apps = args.apps
     paths = [p for p in args.paths.split(",") if p]
     for app in apps:
         app_args = {"num_replicas": args.stream_replicas, "ingress_replicas": args.ingress_replicas,
@@ -350,7 +350,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stream-replicas", type=int, default=4, help="LLMReplica replicas per app (default 4)")
     g.add_argument("--ingress-replicas", type=int, default=1)
     g.add_argument("--stream-interval-ms", type=float, default=None, help="default: the app's default")
-    g.add_argument("--apps", default="halffull,default", help=f"comma-separated, of {', '.join(APPS)}")
+    g.add_argument("--apps", type=lambda s: [a for a in s.split(",") if a], default="halffull,default",
+                   help=f"comma-separated, of {', '.join(APPS)}")
     g.add_argument("--ramp-s", type=float, default=1.0,
                    help="the N requests of a phase start evenly over this many seconds (0: all at once)")
     g.add_argument("--paths", default="proxy,direct",
@@ -361,7 +362,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    unknown = sorted(set(args.apps.split(",")) - set(APPS) - {""})
+    unknown = sorted(set(args.apps) - set(APPS))
     if unknown:
         print(f"halffull bench stream: unknown app(s) {', '.join(unknown)}; known: {', '.join(APPS)}",
               file=sys.stderr)
