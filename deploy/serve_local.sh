@@ -29,6 +29,12 @@ ADDRESS="127.0.0.1:$RAY_PORT"
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 # Serve's HTTP proxy reaches the ingress over gRPC (deploy/ray_env.py: about 40% less CPU per streamed token).
 export RAY_SERVE_PROXY_USE_GRPC="${RAY_SERVE_PROXY_USE_GRPC:-1}"
+# HAProxy in front of the ingress replicas, which serve HTTP themselves, instead of Serve's Python proxy
+# (deploy/ray_env.py); halffull-haproxy keeps HAProxy's stats and metrics listeners on 127.0.0.1 too.
+export RAY_SERVE_ENABLE_DIRECT_INGRESS="${RAY_SERVE_ENABLE_DIRECT_INGRESS:-1}"
+export RAY_SERVE_ENABLE_HA_PROXY="${RAY_SERVE_ENABLE_HA_PROXY:-1}"
+export RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="${RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S:-2}"
+export RAY_SERVE_HAPROXY_BINARY_PATH="${RAY_SERVE_HAPROXY_BINARY_PATH:-$PWD/.venv/bin/halffull-haproxy}"
 export RAY_ADDRESS="$ADDRESS"
 # Token authentication on, for the head and for every CLI call below. Ray 2.60's `ray start` does NOT create a
 # token (it checks with create_token_if_missing=False and fails with AuthenticationError on a fresh machine), so

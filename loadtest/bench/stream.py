@@ -70,6 +70,7 @@ APPS = {  # app name -> its arguments besides the defaults
     "halffull-actor": {"router": "sal", "replica_calls": "actor"},  # the ingress calls replicas by actor calls
     "halffull-1loop": {"router": "sal"},  # Serve runs the user code on the replica's own loop (APP_ENV)
 }
+HAPROXY_PROCESS = re.compile(r"(^|/)haproxy\s")  # the HAProxy binary Serve starts (-db -f <config>)
 APP_ENV = {"halffull-1loop": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}  # app -> replica env
 
 
@@ -81,8 +82,8 @@ def role_of(cmdline: str, app: str) -> str | None:
         if f"ServeReplica:{app}:" not in cmdline:
             return None
         return "ingress" if "OpenAIIngress" in cmdline else "replica"
-    if "ProxyActor" in cmdline:
-        return "proxy"
+    if "ProxyActor" in cmdline or "HAProxyManager" in cmdline or HAPROXY_PROCESS.search(cmdline):
+        return "proxy"  # Serve's HTTP proxy actor, or HAProxy and the actor that manages it
     if "ServeController" in cmdline:
         return "controller"
     return "ray"
@@ -240,7 +241,9 @@ def direct_ports(app: str, proxy_port: int, num_ingress: int, timeout: float = 6
     controller = serve.context._get_global_client()._controller
     deadline = time.monotonic() + timeout
     while True:
-        ports = sorted({t.port for group in ray.get(controller.get_target_groups.remote(app))
+        # from_proxy_manager: with HAProxy on, the controller answers others with HAProxy's own target.
+        groups = ray.get(controller.get_target_groups.remote(app, from_proxy_manager=True))
+        ports = sorted({t.port for group in groups
                         for t in group.targets if group.protocol == "HTTP" and t.port != proxy_port})
         if len(ports) >= num_ingress or time.monotonic() > deadline:
             if not ports:
