@@ -51,7 +51,7 @@ head_pid() { [ -f "$PID_FILE" ] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null && c
 check_loopback() {
   # Every listening socket owned by a Ray process must be on a loopback address.
   local bad
-  bad="$(ss -ltnpH 2>/dev/null | grep -E 'ray|raylet|gcs_server|ServeRepli|ProxyActor|ServeContr|python' \
+  bad="$(ss -ltnpH 2>/dev/null | grep -E 'ray|raylet|gcs_server|ServeRepli|ProxyActor|ServeContr|python|haproxy' \
         | awk '{print $4}' | grep -vE '^(127\.0\.0\.1|\[::ffff:127\.0\.0\.1\]|\[::1\]):' || true)"
   if [ -n "$bad" ]; then
     log "ERROR: Ray listens on non-loopback addresses:"; echo "$bad"; return 1

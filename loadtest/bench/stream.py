@@ -17,10 +17,13 @@ For each speed (``1``: simulated H100s at their real step cadence, every stream 
                a second thread's (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0; deploy/app.py process_env);
                only when listed
 
-Paths: ``proxy`` through Serve's HTTP proxy (the default deployment; it reaches the ingress over gRPC unless
-RAY_SERVE_PROXY_USE_GRPC=0 is exported: deploy/ray_env.py), ``direct`` to the ingress replicas' own
-HTTP servers (Ray's direct ingress, switched on for this cluster when listed; both paths are measured on the
-same cluster, the proxy runs either way).
+Paths: ``proxy`` through the cluster's HTTP front on http_options.port, the way clients reach the service: by
+default HAProxy in front of the ingress replicas (deploy/ray_env.py); with RAY_SERVE_ENABLE_HA_PROXY=0 exported,
+Serve's Python proxy, which reaches the ingress over gRPC unless RAY_SERVE_PROXY_USE_GRPC=0 is exported too.
+``direct`` to the ingress replicas' own HTTP servers (Ray's direct ingress, switched on for this cluster when
+listed), with no front. Both paths are measured on the same cluster; the report's header names the front. The
+``proxy`` role counts whichever front runs: Serve's proxy actor, or HAProxy and its manager actor (Serve's
+proxy also runs beside HAProxy, as its backup server while no ingress replica is up).
 
 Load, per phase: N concurrent completions of T output tokens each (``max_tokens`` T, ``ignore_eos``), sent
 over ``--ramp-s`` seconds (default 1: a burst of N at once measures the ingress admitting N requests, not
@@ -327,10 +330,16 @@ def replica_timings(app: str, num_replicas: int) -> dict[str, float]:
     return out
 
 
+def front() -> str:
+    """What the ``proxy`` path goes through on this cluster (deploy/ray_env.py)."""
+    if ray_env.haproxy_on(os.environ):
+        return "front: HAProxy (direct ingress behind it)"
+    hop = "gRPC" if os.environ.get("RAY_SERVE_PROXY_USE_GRPC") == "1" else "Ray actor calls"
+    return f"front: Serve's proxy, to the ingress over {hop}"
+
+
 def report(rows: dict) -> None:
-    hop = "gRPC" if os.environ.get("RAY_SERVE_PROXY_USE_GRPC") == "1" else "Ray actor calls"  # deploy/ray_env.py
-    print(f"\nmedians over rounds; CPU in ms per output token (server processes of this Ray cluster); "
-          f"proxy to ingress over {hop}")
+    print(f"\nmedians over rounds; CPU in ms per output token (server processes of this Ray cluster); {front()}")
     print(f"{'speed':>5s} {'N':>4s} {'mode':6s} {'path':6s} {'app':14s} {'tok/s':>8s} "
           + " ".join(f"{r:>10s}" for r in ROLES) + f" {'marginal':>9s} {'TTFT-out p50/p90 ms':>20s}")
     for key in sorted(rows, key=lambda k: (k[0] != "1", k[1], k[2] != "stream", k[3], k[4])):
