@@ -1,8 +1,8 @@
 """Two ingress replicas; one is killed (``ray.kill``) in the middle of a streaming load: its in-flight clients get
 a clean error, never a hang, and the requests on the other ingress replica are unaffected.
 
-App ``rel-ingress``: two simulated replicas at half speed, two ingress replicas behind Serve's HTTP proxy, the
-token channel on (the default). Load: 24 clients streaming 40-token completions back to back for ~8 s. About
+App ``rel-ingress``: two simulated replicas at half speed, two ingress replicas behind the cluster's front
+(HAProxy, deploy/ray_env.py), the token channel on (the default). Load: 24 clients streaming 40-token completions back to back for ~8 s. About
 2.5 s in, the ingress replica that served the latest response (``x-halffull-ingress``) is killed. Every request
 must end one of these ways:
 
