@@ -86,6 +86,7 @@ def haproxy_on(environ: Mapping[str, str]) -> bool:
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the OS picks it), for a private cluster's listeners."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import os
 import re
-import socket
 import time
 from dataclasses import dataclass, field
 
@@ -31,12 +30,6 @@ ray_env.apply()
 os.environ.setdefault("HALFFULL_DELAY_LOG_EVERY_S", "5")
 
 APP_READY_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -72,7 +65,7 @@ def ray_cluster():
         num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
         namespace="halffull-tests", _system_config={"metrics_report_interval_ms": 1000},
     )
-    port = free_port()
+    port = ray_env.free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield ServeCluster(http=f"http://127.0.0.1:{port}")

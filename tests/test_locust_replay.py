@@ -17,6 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from halffull.deploy import ray_env
+
 # Never import halffull.loadtest.live.locustfile here: importing locust monkey-patches the whole process with gevent.
 LOCUSTFILE = Path(__file__).resolve().parents[1] / "loadtest" / "live" / "locustfile.py"
 NUM_REQUESTS = 40
@@ -106,14 +108,11 @@ def test_headless_replay_against_the_default_app(default_app, tmp_path):
 @pytest.mark.timeout(150)
 def test_web_ui_replay_started_from_the_ui(default_app, tmp_path):
     """The people's way: locust with its web UI on loopback, started with the UI's own /swarm call."""
-    import socket
     import time
 
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = ray_env.free_port()
     out = tmp_path / "webui.json"
     cmd = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--host", default_app, "--web-port", str(port),
            "--trace", "azure_conv", "--limit", "12", "--rate-scale", "4", "--json-out", str(out)]

@@ -150,11 +150,7 @@ def end_to_end(args) -> dict[str, list[Phase]]:
              log_to_driver=False, logging_level="ERROR")
     results: dict[str, list[Phase]] = {name: [] for name in BENCH_APPS}
     try:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = ray_env.free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         common = {"num_replicas": args.replicas, "speedup": "inf", "stats_period_s": 0.5}
         routers = {"halffull": args.router, "default": RAY_DEFAULT_ROUTER}

@@ -54,7 +54,6 @@ import asyncio
 import json
 import os
 import re
-import socket
 import statistics
 import sys
 import time
@@ -382,9 +381,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ray_env.apply()  # loopback listeners (DESIGN.md §9), the gRPC proxy hop (deploy/ray_env.py)
     if "direct" in args.paths.split(","):
         # Read by every Serve process when it starts: the ingress replicas also serve HTTP on their own
-        # 127.0.0.1 port (the proxy keeps serving too); a short drain keeps the teardown quick.
+        # 127.0.0.1 port (the front keeps serving too), even where RAY_SERVE_ENABLE_DIRECT_INGRESS=0 is exported.
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
-        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     import ray
     from ray import serve
 
@@ -392,9 +390,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
              log_to_driver=False, logging_level="ERROR")
     rows: dict = {}
     try:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = ray_env.free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for speed in args.speeds.split(","):
             run_speed(args, speed, port, rows)

@@ -59,7 +59,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -88,12 +87,6 @@ _PROGRESS_RE = re.compile(r"replay progress: done=(\d+) total=(\d+) sent=(\d+) f
 
 
 # ---- the local cluster -------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _exit_on_sigterm(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
@@ -128,7 +121,7 @@ class LocalServe:
         if threading.current_thread() is threading.main_thread():
             self._previous_sigterm = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
-            port = _free_port()
+            port = ray_env.free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port})
         except BaseException:
             ray.shutdown()

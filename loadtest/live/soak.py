@@ -46,7 +46,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import sys
 import time
@@ -287,12 +286,6 @@ def parse_app_args(pairs: list[str]) -> dict:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def window_p99(results: list[Result], lo: float, hi: float) -> tuple[float | None, int]:
     ttfts = [r.ttft for r in results if r.ttft is not None and lo <= r.sent_at < hi]
     return (percentile(ttfts, 99) if ttfts else None), len(ttfts)
@@ -322,7 +315,7 @@ def run(args) -> int:
              log_to_driver=False, logging_level="ERROR", namespace="halffull-soak")
     memory = MemoryLog()
     try:
-        port = free_port()
+        port = ray_env.free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(app_args), name="soak", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
