@@ -58,6 +58,7 @@ loopback ports, as it does for Serve's HTTP port; the shell and cluster-launcher
 from __future__ import annotations
 
 import os
+import random
 import socket
 import sys
 from typing import Mapping, MutableMapping
@@ -85,8 +86,47 @@ def haproxy_on(environ: Mapping[str, str]) -> bool:
     return environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" and environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1"
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (the OS picks it), for a private cluster's listeners."""
+# Where free_port draws from: above Ray's worker ports (``ray start --max-worker-port``, 19999 by default) and
+# below Serve's direct-ingress ports (RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, 30000) and the kernel's ephemeral
+# range (EPHEMERAL_RANGE_FILE, 32768 and up by default), so nothing of a starting cluster is handed a port there.
+FREE_PORTS = range(20000, 30000)
+EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+FREE_PORT_TRIES = 64
+
+
+def ephemeral_low(path: str = EPHEMERAL_RANGE_FILE) -> int:
+    """The first port of the kernel's ephemeral range (where port-0 binds and outgoing connections get theirs);
+    32768 where it cannot be read."""
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(rng: random.Random | None = None, low: int | None = None) -> int:
+    """A TCP port free on 127.0.0.1 now, for a listener of a private cluster that binds it seconds later.
+
+    Why not the OS's pick (bind to port 0): that comes from the ephemeral range, where every outgoing connection
+    and port-0 listener of the cluster starting meanwhile gets its port too; HAProxy, binding its stats port a
+    few seconds after Ray started, once failed with "Address already in use" on such a port. So the port is
+    drawn at random (``rng``) from ``FREE_PORTS`` below the ephemeral range (``low``, default
+    ``ephemeral_low()``) and checked free; the OS's pick only where that range is empty or taken."""
+    rng = rng or random.Random()
+    candidates = range(FREE_PORTS.start, min(FREE_PORTS.stop, ephemeral_low() if low is None else low))
+    for _ in range(FREE_PORT_TRIES if candidates else 0):
+        port = rng.choice(candidates)
+        if bindable(port):
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

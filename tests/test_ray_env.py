@@ -111,3 +111,51 @@ def test_the_live_front_is_haproxy_on_loopback(ray_cluster):
         listening = [c.laddr for c in fallback.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
         assert {a.ip for a in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
         assert int(env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"]) in {a.port for a in listening}, listening
+
+
+class _Choices:
+    """An rng whose ``choice`` returns the given ports in order."""
+
+    def __init__(self, *ports: int):
+        self.ports = iter(ports)
+
+    def choice(self, _candidates) -> int:
+        return next(self.ports)
+
+
+def test_free_port_draws_below_the_ephemeral_range_and_is_free():
+    low = ray_env.ephemeral_low()
+    for _ in range(20):
+        port = ray_env.free_port()
+        assert port in ray_env.FREE_PORTS and port < low
+        assert ray_env.bindable(port)
+
+
+def test_free_port_skips_a_port_in_use():
+    import socket
+
+    free = (p for p in ray_env.FREE_PORTS if ray_env.bindable(p))
+    busy, spare = next(free), next(free)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", busy))
+        taken.listen()
+        assert ray_env.free_port(_Choices(busy, spare), low=30000) == spare
+
+
+def test_free_port_falls_back_to_the_os_where_no_range_is_left():
+    port = ray_env.free_port(_Choices(), low=ray_env.FREE_PORTS.start)  # the rng is never asked
+    assert port not in ray_env.FREE_PORTS and ray_env.bindable(port)
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("32768\t60999\n", 32768),
+    ("1024 65535", 1024),
+    ("", 32768),
+    ("x y", 32768),
+    (None, 32768),  # no such file
+])
+def test_ephemeral_low(tmp_path, content, expected):
+    path = tmp_path / "ip_local_port_range"
+    if content is not None:
+        path.write_text(content)
+    assert ray_env.ephemeral_low(str(path)) == expected
