@@ -17,7 +17,8 @@ Per request:
     keep the router's prefix index and the call small; 4 engine blocks of 16), passed as the ``routing``
     keyword argument (router/serve_router.py). The router reads them; the replica ignores them.
   * What reaches the replica (replicas/deployment.py): prompt ids, max_tokens, min_tokens, ignore_eos,
-    priority, and ``sampling`` (replicas/backend.py ``SAMPLING_FIELDS``: a vLLM engine's sampling fields,
+    priority, ``hold`` (a non-streaming request without stop strings: its tokens after the first come in one
+    piece at the end), and ``sampling`` (replicas/backend.py ``SAMPLING_FIELDS``: a vLLM engine's sampling fields,
     stop strings, logit_bias, response_format). The simulated engine honours min_tokens (no pseudo-EOS
     before it) and ignores ``sampling``.
   * Stop strings are applied here, on the decoded text, for every backend (``StopChecker``): the output ends
@@ -150,6 +151,11 @@ class GenerationServing:
                 "ignore_eos": bool(body.ignore_eos), "priority": body.priority or 0, "sampling": sampling(body)}
         if self.channel is not None:
             base["sink"] = self.channel.sink_id
+        if not body.stream and not body.stop_strings():
+            # Nobody reads the tokens before the end: the replica sends them in one piece (after the first,
+            # which still says the request started generating). Not with stop strings: this ingress finds
+            # them in the text as it comes and aborts the engine request there.
+            base["hold"] = True
         prefix_block_size, llm = self.prefix_block_size, self.llm
 
         def call(attempt: int):

@@ -5,7 +5,7 @@ Call (from the ingress, deploy/app.py; the ``routing`` kwarg is for the router, 
     gen = handle.options(stream=True).generate.remote(request_dict, routing={...})
 
 ``request_dict`` holds ``GenerateRequest``'s fields (request_id, prompt_token_ids, max_tokens, ignore_eos,
-priority, min_tokens, sampling). The stream is::
+priority, min_tokens, sampling), and optionally ``sink`` (below) and ``hold``. The stream is::
 
     {"event": "start", "replica": "<replica unique id>"}        once accepted, before any token
     {"event": "overloaded", "message": "..."}                    instead, when the engine's waiting queue is
@@ -30,6 +30,11 @@ waits at most the interval (plus one step). The trade-off: at 20 ms and a 10 ms 
 two tokens every 20 ms instead of one every 10 ms (same mean TPOT, burstier); under 5 ms steps nothing is
 held back that a person reading could see. ``stream_timings()`` returns when recent requests got their
 first token (wall clock; ``halffull bench stream`` measures from there to the bytes leaving the server).
+
+Hold. ``"hold": true`` (the ingress sets it for a non-streaming request without stop strings: nobody reads its
+text before the end) sends the first batch as ever (so the ingress knows the request started generating: no
+re-send after a failure from then on) and every later token in one batch once the request ended, on the
+Serve stream or the token channel alike: one item, not one per interval.
 
 Token channel. A request dict with ``"sink": "<id>"`` (the ingress's ChannelClient, deploy/channel.py) gets
 its later tokens through this replica's token channel instead (replicas/channel.py): the start event adds
@@ -152,6 +157,22 @@ async def paced(batches: AsyncIterator[list[int]], outcome: RequestOutcome, inte
         yield batch
 
 
+async def held(batches: AsyncIterator[list[int]], on_first=None) -> AsyncIterator[list[int]]:
+    """The first batch of ``batches`` at once, then everything else as one batch once the source ended (a
+    request whose reader wants only the whole answer: one item instead of one per interval).
+    ``on_first()`` runs when the first batch arrives."""
+    rest: list[int] = []
+    async for batch in batches:
+        if on_first is not None:
+            on_first()
+            on_first = None
+            yield batch
+        else:
+            rest += batch
+    if rest:
+        yield rest
+
+
 def token_batches(backend: Backend, stream: Any, spec: GenerateRequest, outcome: RequestOutcome):
     """The batch iterator of a request: a submitted stream's ``batches()`` (simulated engine) or the backend's
     ``generate_batches`` (vLLM); a backend with neither streams one token per list."""
@@ -242,6 +263,7 @@ class LLMReplica:
         self.num_requests += 1
         rid, times = spec.request_id, self.first_token_times
         sink_id = request.get("sink")
+        hold = bool(request.get("hold", False))
         try:
             if isinstance(sink_id, str) and sink_id:  # the ingress reads tokens from the token channel
                 sink = await self._sink(sink_id)
@@ -253,11 +275,15 @@ class LLMReplica:
                 if first is not None:
                     times.append((rid, time.time()))
                     yield first
-                    await self._to_channel(sink, rid, stream, batches)
+                    await self._to_channel(sink, rid, stream, batches, hold)
             else:
                 yield {"event": "start", "replica": self.replica_id}
-                async for batch in paced(batches, outcome, self.stream_interval_s,
-                                         lambda: times.append((rid, time.time()))):
+                on_first = lambda: times.append((rid, time.time()))  # noqa: E731
+                if hold:
+                    items = held(batches, on_first)
+                else:
+                    items = paced(batches, outcome, self.stream_interval_s, on_first)
+                async for batch in items:
                     yield batch
         finally:
             await batches.aclose()  # aborts the request if it is still running (cancelled, client gone)
@@ -284,12 +310,15 @@ class LLMReplica:
         await self.channel.start(self._channel_host)
         return self.channel.sink(sink_id)
 
-    async def _to_channel(self, sink: Sink, rid: str, stream: Any, batches: AsyncIterator[list[int]]) -> None:
+    async def _to_channel(self, sink: Sink, rid: str, stream: Any, batches: AsyncIterator[list[int]],
+                          hold: bool = False) -> None:
         """Push the request's tokens after its first batch into its ingress's sink (replicas/channel.py);
         return once its last tokens were written, so the end event follows them. The simulated engine's
         stream hands its tokens over from the step loop itself (``deliver_to``: no wake-up of this coroutine
-        per step); others are read batch by batch."""
-        on_tokens = functools.partial(sink.push, rid)
+        per step); others are read batch by batch. ``hold``: all of them in one piece once the request
+        ended."""
+        kept: list[int] = []
+        on_tokens = kept.extend if hold else functools.partial(sink.push, rid)
         try:
             if hasattr(stream, "deliver_to"):
                 stream.deliver_to(on_tokens)
@@ -297,6 +326,8 @@ class LLMReplica:
             else:
                 async for batch in batches:
                     on_tokens(batch)
+            if kept:
+                sink.push(rid, kept)
             sink.finish(rid)
         except BaseException:
             sink.drop(rid)  # cancelled or failed: the ingress reads nothing more of it

@@ -1,0 +1,151 @@
+"""``hold``: a non-streaming request without stop strings gets its first batch at once and every later token in
+one piece at the end, on the Serve stream and on the token channel alike (replicas/deployment.py); the ingress
+asks for it only where nobody reads the text before the end (deploy/serving.py). Without Ray: the replica class
+itself, the simulated engine, a real loopback token channel."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import halffull.replicas.deployment as deployment
+from halffull.deploy.channel import ChannelClient
+from halffull.deploy.protocol.chat import ChatCompletionRequest
+from halffull.deploy.protocol.completions import CompletionRequest
+from halffull.deploy.serving import GenerationServing
+from halffull.replicas.channel import TokenChannel
+from halffull.replicas.deployment import held
+
+pytestmark = pytest.mark.timeout(60)
+
+NUM_TOKENS = 40
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=30))
+
+
+def make_replica(monkeypatch, interval_ms: float):
+    """The LLMReplica class outside Serve: no gRPC rebinding (no Serve replica here), channel on loopback."""
+    monkeypatch.setattr(deployment, "bind_replica_grpc_to_node_ip", lambda: None)
+    replica = deployment.LLMReplica.func_or_class(backend="sim", engine={"speedup": 10.0},  # ~1 ms steps
+                                                  stream_interval_ms=interval_ms)
+    replica.channel, replica._channel_host = TokenChannel(interval_ms / 1000), "127.0.0.1"
+    return replica
+
+
+def request(rid: str, **extra):
+    return {"request_id": rid, "prompt_token_ids": list(range(300, 332)), "max_tokens": NUM_TOKENS,
+            "ignore_eos": True, **extra}
+
+
+async def reference_tokens(replica) -> list[int]:
+    items = [item async for item in replica.generate(request("ref"))]
+    return [t for item in items if isinstance(item, list) for t in item]
+
+
+@pytest.mark.parametrize("hold, max_items", [(True, 2), (False, NUM_TOKENS)], ids=["hold", "paced"])
+def test_serve_stream_path(monkeypatch, hold, max_items):
+    async def main():
+        replica = make_replica(monkeypatch, interval_ms=0.0)
+        items = [item async for item in replica.generate(request("r", hold=hold))]
+        return items, await reference_tokens(replica)
+
+    items, reference = run(main())
+    assert items[0]["event"] == "start" and items[-1]["event"] == "end"
+    batches = items[1:-1]
+    assert [t for b in batches for t in b] == reference and len(reference) == NUM_TOKENS
+    assert batches[0] == reference[:1]  # the first token alone, never held back
+    assert items[-1]["num_output_tokens"] == NUM_TOKENS
+    assert len(batches) <= max_items
+    if not hold:
+        assert len(batches) > 2  # one item per ~1 ms step at interval 0: what hold saves
+
+
+@pytest.mark.parametrize("hold", [True, False], ids=["hold", "per-step"])
+def test_token_channel_path(monkeypatch, hold):
+    async def main():
+        replica = make_replica(monkeypatch, interval_ms=0.0)
+        client = ChannelClient()
+        tokens = client.register("r", first_on_stream=True)
+        first, end = None, None
+        async for item in replica.generate(request("r", sink=client.sink_id, hold=hold)):
+            if isinstance(item, list):
+                first = item
+                tokens.push_first(item)
+            elif item["event"] == "start":
+                await client.attach(item["channel"], tokens)
+            elif item["event"] == "end":
+                end = item
+                tokens.end(item["num_output_tokens"])
+        got = []
+        while True:
+            try:
+                got += await tokens.next_batch()
+            except StopAsyncIteration:
+                break
+        frames = replica.channel.sink(client.sink_id).num_frames
+        reference = await reference_tokens(replica)
+        replica.channel.close()
+        client.close()
+        return first, end, got, frames, reference
+
+    first, end, got, frames, reference = run(main())
+    assert got == reference and first == reference[:1] and end["num_output_tokens"] == NUM_TOKENS
+    if hold:
+        assert frames == 1  # every token after the first in one frame
+    else:
+        assert frames > 2
+
+
+@pytest.mark.parametrize("steps, want", [
+    ([[1]], [[1]]),
+    ([[1], [2], [3, 4], [5]], [[1], [2, 3, 4, 5]]),
+    ([[1, 2], [3]], [[1, 2], [3]]),
+    ([], []),
+], ids=["one-token", "rest-in-one", "first-batch-kept-whole", "empty"])
+def test_held(steps, want):
+    async def source():
+        for step in steps:
+            await asyncio.sleep(0)
+            yield list(step)
+
+    async def main():
+        firsts = []
+        out = [b async for b in held(source(), on_first=lambda: firsts.append(1))]
+        return out, firsts
+
+    out, firsts = run(main())
+    assert out == want and len(firsts) == (1 if steps else 0)
+
+
+class FakeHandle:
+    """Records the request dicts the ingress sends (``llm.remote``)."""
+
+    def __init__(self):
+        self.sent = []
+
+    def remote(self, request, routing=None):
+        self.sent.append(request)
+        return None
+
+
+@pytest.mark.parametrize("body, want_hold", [
+    (CompletionRequest(model="m", prompt="hi", stream=False), True),
+    (CompletionRequest(model="m", prompt="hi", stream=True), False),
+    (CompletionRequest(model="m", prompt="hi", stream=False, stop=["."]), False),  # stop strings: read as it comes
+    (ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}]), True),
+    (ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], stream=True), False),
+], ids=["completion", "completion-streamed", "completion-stop", "chat", "chat-streamed"])
+def test_the_ingress_asks_for_hold_only_where_nobody_reads_before_the_end(body, want_hold):
+    llm = FakeHandle()
+    serving = GenerationServing(llm, None, model="m", max_model_len=100, backend="sim", prefix_block_size=64,
+                                max_output_tokens=None, replica_retries=0, request_timeout_s=None, retry_after_s=1.0,
+                                metrics=None, channel=ChannelClient())
+
+    async def main():
+        serving._run(body, [1, 2, 3], 10, "cmpl-x", 0.0)._call(0)
+
+    run(main())
+    assert llm.sent[0].get("hold", False) is want_hold and llm.sent[0]["sink"]
