@@ -261,12 +261,14 @@ class OpenAIIngress:
 
 # name -> default ("": unset unless set where the app is built)
 PROCESS_ENV = {"MALLOC_ARENA_MAX": "2", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": ""}
+SEPARATE_THREAD = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+ROUTER_LOOP = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
 
 
 def process_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """Environment variables of the app's replica processes (``runtime_env.env_vars``, set before they start):
+    """Environment variables of the LLM replicas' processes (``runtime_env.env_vars``, set before they start):
     those of ``PROCESS_ENV``, where a value set where the app is built wins and an empty one leaves the variable
-    unset (the default of glibc or Ray).
+    unset (the default of glibc or Ray). ``ingress_env`` adds the ingress's own.
 
     ``MALLOC_ARENA_MAX=2``: glibc gives every thread that allocates its own malloc arena, and a Serve replica runs
     several (asyncio loop, Ray core worker, gRPC); freed memory scattered over many arenas is not given back, so
@@ -274,17 +276,37 @@ def process_env(environ: Mapping[str, str]) -> dict[str, str]:
     grew +10.7% and the LLM replicas +6% with glibc's default, +6.8% and +4.6% with 2 arenas, at the same p99
     TTFT.
 
-    ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD`` (Ray's default 1), passed on when exported where the app is
-    built: ``0`` runs the replica's own code (the ingress's ASGI app, the engine) on the replica's event loop
-    instead of a second thread's, as Ray's "throughput optimized" mode does. Behind HAProxy (the default front)
-    it lowers CPU per streamed token and TTFT-out at 32 streams but costs 4-6% of tokens/s at 128 on 2 cores;
-    behind Serve's proxy it costs more (the ingress's one loop also carries the proxy's gRPC traffic): README
-    "Streaming". So the default stays Ray's."""
+    ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD`` (Ray's default 1), passed on to every replica when exported
+    where the app is built: ``0`` runs a replica's own code (the engine) on the replica's event loop instead of a
+    second thread's. For the LLM replicas the default stays Ray's: behind HAProxy, one loop in every replica
+    cost 4-6% of tokens/s at 128 streams on 2 cores (README "Streaming")."""
     out = {}
     for name, default in PROCESS_ENV.items():
         value = environ.get(name, default)
         if value:
             out[name] = value
+    return out
+
+
+def ingress_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """Environment variables of the ingress replicas' processes: ``process_env``, and one event loop for all of
+    the ingress's work unless ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD`` is exported where the app is built
+    (an empty value: Ray's default, two loops).
+
+    One loop, the layout of Ray's "throughput optimized" mode: ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``
+    runs the ASGI app on the loop that serves HTTP (direct ingress), so an SSE event no longer crosses from
+    the user-code thread's loop to it through Serve's message queue, and ``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0``
+    (unless exported) runs the request router there too, so a call to the LLM replicas does not cross loops
+    either. Side by side behind HAProxy (README "Streaming"): less CPU per streamed token, a lower TTFT-out and
+    no fewer tokens/s. The router's loop follows only with one loop: a router on the replica's loop must be
+    called from it."""
+    out = process_env(environ)
+    if SEPARATE_THREAD not in environ:
+        out[SEPARATE_THREAD] = "0"
+    if out.get(SEPARATE_THREAD) == "0":
+        router_loop = environ.get(ROUTER_LOOP, "0")
+        if router_loop:
+            out[ROUTER_LOOP] = router_loop
     return out
 
 
@@ -295,10 +317,12 @@ def build_app(args: Mapping[str, Any] | None = None):
 
 
 def build_app_with_env(args: Mapping[str, Any] | None, environ: Mapping[str, str]):
-    """``build_app``, its replica processes' environment taken from ``environ`` (``process_env``)."""
+    """``build_app``, its replica processes' environment taken from ``environ`` (``process_env``,
+    ``ingress_env``)."""
     config = AppConfig.from_args(args)
     env = process_env(environ)
     runtime_env = {"env_vars": env} if env else {}
+    ingress_runtime_env = {"env_vars": ingress_env(environ)}
     if config.backend == "vllm":
         config.vllm_config().check_engine_arg_names()  # here, not in AppConfig.check: it imports vLLM
     router_config = {"request_routing_stats_period_s": config.stats_period_s,
@@ -321,7 +345,7 @@ def build_app_with_env(args: Mapping[str, Any] | None, environ: Mapping[str, str
     ).bind(**config.replica_options())
     digests = [d.hex() for d in api_key_digests(os.environ)]  # keys never leave this process, digests do
     return OpenAIIngress.options(
-        ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env},
+        ray_actor_options={"num_cpus": 0, "runtime_env": ingress_runtime_env},
         num_replicas=config.ingress_replicas,
         max_ongoing_requests=config.ingress_max_ongoing_requests + INGRESS_BURST_SLOTS,
         max_queued_requests=config.ingress_max_queued_requests,

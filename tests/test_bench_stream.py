@@ -344,7 +344,7 @@ def test_report_no_rows(capsys):
 def test_unknown_app_is_refused_before_any_cluster_starts(capsys, monkeypatch):
     monkeypatch.setattr("halffull.deploy.ray_env.apply", lambda: pytest.fail("a cluster was being set up"))
     assert stream.main(["--apps", "halffull,fastest"]) == 2
-    assert "unknown app(s) fastest; known: halffull, default, halffull-actor, halffull-1loop" in capsys.readouterr().err
+    assert "unknown app(s) fastest; known: halffull, default, halffull-actor, halffull-1loop, halffull-2loop" in capsys.readouterr().err
 
 
 # ---- smoke: the real command ------------------------------------------------------------------------------------

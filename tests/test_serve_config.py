@@ -10,7 +10,8 @@ import ray.exceptions
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from halffull.deploy.app import RAY_DEFAULT_ROUTER, AppConfig, build_app, build_app_with_env, process_env
+from halffull.deploy.app import (RAY_DEFAULT_ROUTER, AppConfig, build_app, build_app_with_env, ingress_env,
+                                 process_env)
 from halffull.deploy.run import classify as _classify
 from halffull.replicas.engine.policies import engine_policy_names
 from halffull.router.registry import POLICY_NAMES
@@ -74,19 +75,38 @@ def test_process_env(environ, expected):
     assert process_env(environ) == expected
 
 
+ROUTER_LOOP = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
+ARENAS = {"MALLOC_ARENA_MAX": "2"}
+
+
 @pytest.mark.parametrize(("environ", "expected"), [
-    pytest.param(None, {"MALLOC_ARENA_MAX": "2"}, id="this-process"),
-    pytest.param({ONE_LOOP: "0"}, {"MALLOC_ARENA_MAX": "2", ONE_LOOP: "0"}, id="given"),
+    pytest.param({}, {**ARENAS, ONE_LOOP: "0", ROUTER_LOOP: "0"}, id="one-loop-by-default"),
+    pytest.param({ONE_LOOP: "1"}, {**ARENAS, ONE_LOOP: "1"}, id="two-loops-exported"),
+    pytest.param({ONE_LOOP: ""}, ARENAS, id="empty-keeps-ray-default"),
+    pytest.param({ONE_LOOP: "0"}, {**ARENAS, ONE_LOOP: "0", ROUTER_LOOP: "0"}, id="one-loop-exported"),
+    pytest.param({ROUTER_LOOP: "1"}, {**ARENAS, ONE_LOOP: "0", ROUTER_LOOP: "1"}, id="router-loop-exported"),
+    pytest.param({ROUTER_LOOP: ""}, {**ARENAS, ONE_LOOP: "0"}, id="router-loop-ray-default"),
+    pytest.param({ONE_LOOP: "1", ROUTER_LOOP: "0"}, {**ARENAS, ONE_LOOP: "1"}, id="router-follows-the-thread"),
+    pytest.param({"MALLOC_ARENA_MAX": ""}, {ONE_LOOP: "0", ROUTER_LOOP: "0"}, id="arenas-as-process-env"),
 ])
-def test_both_deployments_start_with_the_process_env(monkeypatch, environ, expected):
-    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    monkeypatch.delenv(ONE_LOOP, raising=False)
+def test_ingress_env(environ, expected):
+    assert ingress_env(environ) == expected
+
+
+@pytest.mark.parametrize(("environ", "ingress", "llm"), [
+    pytest.param(None, {**ARENAS, ONE_LOOP: "0", ROUTER_LOOP: "0"}, ARENAS, id="this-process"),
+    pytest.param({ONE_LOOP: "0"}, {**ARENAS, ONE_LOOP: "0", ROUTER_LOOP: "0"}, {**ARENAS, ONE_LOOP: "0"},
+                 id="one-loop-everywhere"),
+    pytest.param({ONE_LOOP: "1"}, {**ARENAS, ONE_LOOP: "1"}, {**ARENAS, ONE_LOOP: "1"}, id="two-loops-everywhere"),
+])
+def test_both_deployments_start_with_their_process_env(monkeypatch, environ, ingress, llm):
+    for name in ("MALLOC_ARENA_MAX", ONE_LOOP, ROUTER_LOOP):
+        monkeypatch.delenv(name, raising=False)
     args = load_config()["applications"][0]["args"]
     app = build_app(args) if environ is None else build_app_with_env(args, environ)
-    llm = app._bound_deployment.init_args[0]._bound_deployment
-    for deployment in (app._bound_deployment, llm):
-        options = deployment.ray_actor_options
-        assert options["runtime_env"] == {"env_vars": expected}, deployment.name
+    llm_deployment = app._bound_deployment.init_args[0]._bound_deployment
+    assert app._bound_deployment.ray_actor_options["runtime_env"] == {"env_vars": ingress}
+    assert llm_deployment.ray_actor_options["runtime_env"] == {"env_vars": llm}
     assert app._bound_deployment.ray_actor_options["num_cpus"] == 0  # the ingress still takes no CPU slot
 
 

@@ -13,9 +13,12 @@ For each speed (``1``: simulated H100s at their real step cadence, every stream 
     default    Ray Serve's PowerOfTwoChoicesRequestRouter (router: ray_default)
     halffull-actor  as halffull, but the ingress calls the LLM replicas with Ray actor calls (replica_calls:
                actor) instead of gRPC; only when listed in --apps
-    halffull-1loop  as halffull, but Serve runs each replica's code on the replica's own event loop instead of
-               a second thread's (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0; deploy/app.py process_env);
-               only when listed
+    halffull-1loop  as halffull, but the LLM replicas too run their code on the replica's own event loop
+               (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 for every replica; the ingress does by default:
+               deploy/app.py ingress_env); only when listed
+    halffull-2loop  as halffull, but the ingress too runs its code on a second thread's loop and its router on a
+               third, Ray's defaults (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=1): halffull's default before
+               2026-12-07; only when listed
 
 Paths: ``proxy`` through the cluster's HTTP front on http_options.port, the way clients reach the service: by
 default HAProxy in front of the ingress replicas (deploy/ray_env.py); with RAY_SERVE_ENABLE_HA_PROXY=0 exported,
@@ -70,10 +73,14 @@ APPS = {  # app name -> its arguments besides the defaults
     "halffull": {"router": "sal"},
     "default": {"router": "ray_default"},
     "halffull-actor": {"router": "sal", "replica_calls": "actor"},  # the ingress calls replicas by actor calls
-    "halffull-1loop": {"router": "sal"},  # Serve runs the user code on the replica's own loop (APP_ENV)
+    "halffull-1loop": {"router": "sal"},  # every replica runs its code on its own loop (APP_ENV)
+    "halffull-2loop": {"router": "sal"},  # the ingress too on Ray's separate loops (APP_ENV)
 }
 HAPROXY_PROCESS = re.compile(r"(^|/)haproxy\s")  # the HAProxy binary Serve starts (-db -f <config>)
-APP_ENV = {"halffull-1loop": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}  # app -> replica env
+APP_ENV = {  # app -> the environment its app is built with (deploy/app.py process_env, ingress_env)
+    "halffull-1loop": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
+    "halffull-2loop": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "1"},
+}
 
 
 # ---- per-process CPU ---------------------------------------------------------------------------------------
