@@ -262,7 +262,6 @@ class OpenAIIngress:
 # name -> default ("": unset unless set where the app is built)
 PROCESS_ENV = {"MALLOC_ARENA_MAX": "2", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": ""}
 SEPARATE_THREAD = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
-ROUTER_LOOP = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
 
 
 def process_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -289,24 +288,19 @@ def process_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def ingress_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """Environment variables of the ingress replicas' processes: ``process_env``, and one event loop for all of
-    the ingress's work unless ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD`` is exported where the app is built
-    (an empty value: Ray's default, two loops).
+    """Environment variables of the ingress replicas' processes: ``process_env``, and the ingress's code on the
+    loop that serves HTTP (``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``, as Ray's "throughput optimized"
+    mode sets) unless that variable is exported where the app is built (an empty value: Ray's default, a second
+    thread's loop).
 
-    One loop, the layout of Ray's "throughput optimized" mode: ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``
-    runs the ASGI app on the loop that serves HTTP (direct ingress), so an SSE event no longer crosses from
-    the user-code thread's loop to it through Serve's message queue, and ``RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0``
-    (unless exported) runs the request router there too, so a call to the LLM replicas does not cross loops
-    either. Side by side behind HAProxy (README "Streaming"): less CPU per streamed token, a lower TTFT-out and
-    no fewer tokens/s. The router's loop follows only with one loop: a router on the replica's loop must be
-    called from it."""
+    Why: with direct ingress the ASGI app otherwise runs on a second thread's loop and every SSE event crosses
+    to the HTTP loop through Serve's message queue. Side by side behind HAProxy (README "Streaming"): less CPU
+    per streamed token, a lower TTFT-out, no fewer tokens/s. The request router keeps its own loop (Ray's
+    default): on the HTTP loop too, ``halffull bench serve`` fell to 0.90-0.92 of Ray's router's requests/s
+    (halffull's router costs more per request than power-of-two), against 1.04 on its own loop."""
     out = process_env(environ)
     if SEPARATE_THREAD not in environ:
         out[SEPARATE_THREAD] = "0"
-    if out.get(SEPARATE_THREAD) == "0":
-        router_loop = environ.get(ROUTER_LOOP, "0")
-        if router_loop:
-            out[ROUTER_LOOP] = router_loop
     return out
 
 

@@ -75,32 +75,28 @@ def test_process_env(environ, expected):
     assert process_env(environ) == expected
 
 
-ROUTER_LOOP = "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"
 ARENAS = {"MALLOC_ARENA_MAX": "2"}
 
 
 @pytest.mark.parametrize(("environ", "expected"), [
-    pytest.param({}, {**ARENAS, ONE_LOOP: "0", ROUTER_LOOP: "0"}, id="one-loop-by-default"),
+    pytest.param({}, {**ARENAS, ONE_LOOP: "0"}, id="one-loop-by-default"),
     pytest.param({ONE_LOOP: "1"}, {**ARENAS, ONE_LOOP: "1"}, id="two-loops-exported"),
     pytest.param({ONE_LOOP: ""}, ARENAS, id="empty-keeps-ray-default"),
-    pytest.param({ONE_LOOP: "0"}, {**ARENAS, ONE_LOOP: "0", ROUTER_LOOP: "0"}, id="one-loop-exported"),
-    pytest.param({ROUTER_LOOP: "1"}, {**ARENAS, ONE_LOOP: "0", ROUTER_LOOP: "1"}, id="router-loop-exported"),
-    pytest.param({ROUTER_LOOP: ""}, {**ARENAS, ONE_LOOP: "0"}, id="router-loop-ray-default"),
-    pytest.param({ONE_LOOP: "1", ROUTER_LOOP: "0"}, {**ARENAS, ONE_LOOP: "1"}, id="router-follows-the-thread"),
-    pytest.param({"MALLOC_ARENA_MAX": ""}, {ONE_LOOP: "0", ROUTER_LOOP: "0"}, id="arenas-as-process-env"),
+    pytest.param({ONE_LOOP: "0"}, {**ARENAS, ONE_LOOP: "0"}, id="one-loop-exported"),
+    pytest.param({"MALLOC_ARENA_MAX": ""}, {ONE_LOOP: "0"}, id="arenas-as-process-env"),
+    pytest.param({"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}, {**ARENAS, ONE_LOOP: "0"}, id="router-not-passed"),
 ])
 def test_ingress_env(environ, expected):
     assert ingress_env(environ) == expected
 
 
 @pytest.mark.parametrize(("environ", "ingress", "llm"), [
-    pytest.param(None, {**ARENAS, ONE_LOOP: "0", ROUTER_LOOP: "0"}, ARENAS, id="this-process"),
-    pytest.param({ONE_LOOP: "0"}, {**ARENAS, ONE_LOOP: "0", ROUTER_LOOP: "0"}, {**ARENAS, ONE_LOOP: "0"},
-                 id="one-loop-everywhere"),
+    pytest.param(None, {**ARENAS, ONE_LOOP: "0"}, ARENAS, id="this-process"),
+    pytest.param({ONE_LOOP: "0"}, {**ARENAS, ONE_LOOP: "0"}, {**ARENAS, ONE_LOOP: "0"}, id="one-loop-everywhere"),
     pytest.param({ONE_LOOP: "1"}, {**ARENAS, ONE_LOOP: "1"}, {**ARENAS, ONE_LOOP: "1"}, id="two-loops-everywhere"),
 ])
 def test_both_deployments_start_with_their_process_env(monkeypatch, environ, ingress, llm):
-    for name in ("MALLOC_ARENA_MAX", ONE_LOOP, ROUTER_LOOP):
+    for name in ("MALLOC_ARENA_MAX", ONE_LOOP):
         monkeypatch.delenv(name, raising=False)
     args = load_config()["applications"][0]["args"]
     app = build_app(args) if environ is None else build_app_with_env(args, environ)

@@ -175,8 +175,8 @@ def test_client_disconnect_aborts_the_request_on_the_replica(http):
 
 def test_replica_processes_start_with_the_app_process_env(base_url):
     """deploy/app.py process_env / ingress_env reach the processes themselves (runtime_env, set before the worker
-    starts): two malloc arenas everywhere; the ingress on one event loop (its code and its router on the loop that
-    serves HTTP), the LLM replicas on Ray's own choice of loops."""
+    starts): two malloc arenas everywhere; the ingress's code on the loop that serves HTTP, the LLM replicas on
+    Ray's own choice of loops."""
     import psutil
 
     found: dict[str, set] = {}
@@ -186,6 +186,5 @@ def test_replica_processes_start_with_the_app_process_env(base_url):
             role = title.split(":")[4].split(".")[0].split()[0]
             env = proc.environ()
             found.setdefault(role, set()).add((env.get("MALLOC_ARENA_MAX"),
-                                               env.get("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"),
-                                               env.get("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP")))
-    assert found == {"OpenAIIngress": {("2", "0", "0")}, "LLMReplica": {("2", None, None)}}, found
+                                               env.get("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD")))
+    assert found == {"OpenAIIngress": {("2", "0")}, "LLMReplica": {("2", None)}}, found

@@ -16,9 +16,9 @@ For each speed (``1``: simulated H100s at their real step cadence, every stream 
     halffull-1loop  as halffull, but the LLM replicas too run their code on the replica's own event loop
                (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 for every replica; the ingress does by default:
                deploy/app.py ingress_env); only when listed
-    halffull-2loop  as halffull, but the ingress too runs its code on a second thread's loop and its router on a
-               third, Ray's defaults (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=1): halffull's default before
-               2026-12-07; only when listed
+    halffull-2loop  as halffull, but the ingress too runs its code on a second thread's loop, Ray's default
+               (RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=1): halffull's default before 2026-12-07; only when
+               listed
 
 Paths: ``proxy`` through the cluster's HTTP front on http_options.port, the way clients reach the service: by
 default HAProxy in front of the ingress replicas (deploy/ray_env.py); with RAY_SERVE_ENABLE_HA_PROXY=0 exported,
