@@ -35,9 +35,12 @@ class RunTokens:
     With ``first_on_stream`` (how LLMReplica sends: replicas/deployment.py) the first batch comes on the Serve
     stream (``push_first``) and the channel carries the rest: channel tokens that overtake the first batch
     wait for it, and the first batch is always read alone (its own SSE event, never merged with later ones).
+    Unless the start event says the first batch comes on the channel (``first_on_channel``: the replica already
+    had this ingress's connection): then the tokens of the first channel frame are the first batch, read alone
+    (those of every frame that overtook the start event, where several did).
     """
 
-    __slots__ = ("request_id", "tokens", "first", "num_received", "expected", "error", "_waiter")
+    __slots__ = ("request_id", "tokens", "first", "num_received", "expected", "error", "_waiter", "_first_frame")
 
     def __init__(self, request_id: str, first_on_stream: bool = False):
         self.request_id = request_id
@@ -48,12 +51,27 @@ class RunTokens:
         self.expected: int | None = None  # the end event's num_output_tokens
         self.error: BaseException | None = None
         self._waiter: asyncio.Future | None = None
+        self._first_frame = False  # the next channel push is the first batch (first_on_channel)
 
     def push(self, tokens: list[int]) -> None:
         """Tokens from the channel (in order; after the first batch when that comes on the Serve stream)."""
-        self.tokens += tokens
+        if self._first_frame:
+            self._first_frame = False
+            self.first = tokens
+        else:
+            self.tokens += tokens
         self.num_received += len(tokens)
         self._wake()
+
+    def first_on_channel(self) -> None:
+        """The start event said the first batch comes on the channel, not on the Serve stream."""
+        if self.first is not None:  # not awaiting one
+            return
+        if self.tokens:  # its frame overtook the start event
+            self.first, self.tokens = self.tokens, []
+            self._wake()
+        else:
+            self._first_frame = True
 
     def push_first(self, tokens: list[int]) -> None:
         """The first batch, from the Serve stream (``first_on_stream``)."""

@@ -11,8 +11,9 @@ Tokens. Each stream item after the start event is a batch (a list of token ids: 
 produced since its previous item, replicas/deployment.py); ``batches()`` yields them as they are, one SSE event
 each (deploy/serving.py), and ``num_tokens`` counts tokens, not items. With the token channel (``channel``, a
 deploy/channel.py ``ChannelClient``) the request dict names this ingress's sink, the start event names the
-replica's channel address, the first batch still comes on the Serve stream (so it leaves as its own event as
-soon as it arrives) and the later batches from the channel, while a task reads the end event or the failure
+replica's channel address, the first batch comes on the Serve stream (or at once on the channel, where the
+start event says ``"first": "channel"``: the replica had this ingress's connection already), so it leaves as its
+own event as soon as it arrives, and the later batches from the channel, while a task reads the end event or the failure
 from the Serve stream; the rules below are the same on both paths (a broken channel is a replica
 failure).
 
@@ -136,6 +137,8 @@ class Run:
         if "channel" not in start:  # a replica without the channel: tokens come on the Serve stream
             self._release()
             return
+        if start.get("first") == "channel":
+            tokens.first_on_channel()
         await self.channel.attach(start["channel"], tokens)
         self._watch = asyncio.get_running_loop().create_task(self._watch_stream(tokens))
 

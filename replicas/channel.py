@@ -9,8 +9,10 @@ cancellation, failure detection, usage); only the tokens move here.
 
     ingress (deploy/channel.py: ChannelClient, one per ingress process, id = "sink")
         -- request dict {"sink": id, ...} via the DeploymentHandle (routed as ever) -->  LLMReplica.generate
-        <-- {"event": "start", "channel": [host, port]}   (Serve stream)
-        <-- [first token ids]                              (Serve stream: never held back)
+        <-- {"event": "start", "channel": [host, port]}   (Serve stream; "first": "channel" when this sink's
+                                                            connection is up: the first batch comes here)
+        <-- [first token ids]                              (Serve stream: never held back; on the channel at
+                                                            once instead, with "first": "channel")
         -- connect host:port, hello frame {"sink": id} -->  TokenChannel (this module, one per LLM replica)
         <-- frames {"<request id>": [token ids], ...}      one per step (or per interval), every stream of the sink
         <-- {"event": "end", "num_output_tokens": N, ...}  (Serve stream, after the request's tokens were written)
@@ -22,10 +24,10 @@ ingress sends one frame, ``{"sink": "<id>"}``; the replica then sends only that 
 Timing (``Sink.push``): a frame goes out no sooner than ``interval_s`` after the previous frame of the same
 sink (at once when that was longer ago), so one frame carries every token of every stream of that ingress
 produced in the meantime (interval 0: one frame per engine step, since every stream's consumer runs in the
-same event-loop turn after a step and the flush is scheduled behind them). A stream's first batch does not
-come here: it travels on the Serve stream right behind the start event (replicas/deployment.py), so it is
-never held back by the interval or by a connection not yet open. Tokens pushed before the ingress connected
-wait for it.
+same event-loop turn after a step and the flush is scheduled behind them). A stream's first batch is never
+held back by the interval or by a connection not yet open: it comes here (``push_first``: a frame at once) only
+when the sink's connection is already up, else on the Serve stream right behind the start event
+(replicas/deployment.py). Tokens pushed before the ingress connected wait for it.
 
 Listener: ``TokenChannel.start(host)`` binds ``host`` (the Ray node's own IP, as Ray's own ports: 127.0.0.1
 on a loopback cluster) on an ephemeral port.
@@ -108,6 +110,11 @@ class Sink:
             self._timer.cancel()
         self._timer_at = due
         self._timer = loop.call_at(due, self.flush) if due > loop.time() else loop.call_soon(self.flush)
+
+    def push_first(self, request_id: str, tokens: list[int]) -> None:
+        """A stream's first batch: sent at once (with whatever else is pending), never held for the interval."""
+        self.push(request_id, tokens)
+        self.flush()
 
     def flush(self) -> None:
         """Send every pending token now (no-op while the ingress is not connected)."""

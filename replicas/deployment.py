@@ -38,8 +38,10 @@ Serve stream or the token channel alike: one item, not one per interval.
 
 Token channel. A request dict with ``"sink": "<id>"`` (the ingress's ChannelClient, deploy/channel.py) gets
 its later tokens through this replica's token channel instead (replicas/channel.py): the start event adds
-``"channel": [host, port]``, the first batch still follows it on the Serve stream (never held back, never
-merged with later tokens, whatever state the channel is in), the later tokens of every stream of that ingress
+``"channel": [host, port]``, the first batch follows it on the Serve stream (never held back, never merged
+with later tokens, whatever state the channel is in) or, where that ingress's connection to this replica is
+already up (the start event then adds ``"first": "channel"``), goes on the channel at once in a frame of its
+own, the later tokens of every stream of that ingress
 go out in one frame per engine step (per ``stream_interval_ms``), and the end event comes after the request's
 last tokens were written to the channel. Everything else (routing, admission,
 cancellation aborting the request, replica failure) stays on the Serve call.
@@ -267,14 +269,22 @@ class LLMReplica:
         try:
             if isinstance(sink_id, str) and sink_id:  # the ingress reads tokens from the token channel
                 sink = await self._sink(sink_id)
-                yield {"event": "start", "replica": self.replica_id, "channel": list(self.channel.address)}
-                # The first batch goes on the Serve stream, right behind the start event: the ingress sends it
-                # as its own SSE event the moment it has it, whether or not its channel connection (opened
-                # on its first request to this replica) is up yet, and it cannot merge with later tokens.
+                # The first batch never waits for the interval or for a connection: where this ingress's
+                # connection is up it goes on the channel at once (the ingress reads that on the loop that
+                # serves HTTP, sparing the Serve stream's hops between loops and processes); else on the Serve
+                # stream right behind the start event. The start event says which.
+                first_on_channel = sink.transport is not None and not sink.transport.is_closing()
+                start = {"event": "start", "replica": self.replica_id, "channel": list(self.channel.address)}
+                if first_on_channel:
+                    start["first"] = "channel"
+                yield start
                 first = await anext(batches, None)
                 if first is not None:
                     times.append((rid, time.time()))
-                    yield first
+                    if first_on_channel:
+                        sink.push_first(rid, first)
+                    else:
+                        yield first
                     await self._to_channel(sink, rid, stream, batches, hold)
             else:
                 yield {"event": "start", "replica": self.replica_id}

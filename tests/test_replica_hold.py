@@ -149,3 +149,50 @@ def test_the_ingress_asks_for_hold_only_where_nobody_reads_before_the_end(body, 
 
     run(main())
     assert llm.sent[0].get("hold", False) is want_hold and llm.sent[0]["sink"]
+
+
+@pytest.mark.parametrize("hold", [False, True], ids=["streamed", "hold"])
+def test_with_its_connection_up_the_first_batch_comes_on_the_channel_at_once(monkeypatch, hold):
+    """A second request of the same ingress: its connection is up, so the start event says "first": "channel",
+    nothing but events comes on the Serve stream, and the first channel frame holds the first token alone."""
+    async def main():
+        replica = make_replica(monkeypatch, interval_ms=20.0)
+        client = ChannelClient()
+        out = {}
+        for rid in ("a", "b"):
+            tokens = client.register(rid, first_on_stream=True)
+            items, reads = [], []
+
+            async def read(tokens=tokens, reads=reads):  # as the ingress does: each batch as it comes
+                while True:
+                    try:
+                        reads.append(await tokens.next_batch())
+                    except StopAsyncIteration:
+                        return
+
+            reader = asyncio.ensure_future(read())
+            async for item in replica.generate(request(rid, sink=client.sink_id, hold=hold)):
+                items.append(item)
+                if isinstance(item, list):
+                    tokens.push_first(item)
+                elif item["event"] == "start":
+                    if item.get("first") == "channel":
+                        tokens.first_on_channel()
+                    await client.attach(item["channel"], tokens)
+                elif item["event"] == "end":
+                    tokens.end(item["num_output_tokens"])
+            await reader
+            out[rid] = items, reads
+        reference = await reference_tokens(replica)
+        replica.channel.close()
+        client.close()
+        return out, reference
+
+    out, reference = run(main())
+    items_a, reads_a = out["a"]
+    items_b, reads_b = out["b"]
+    assert "first" not in items_a[0] and items_a[1] == reference[:1]  # no connection yet: on the Serve stream
+    assert items_b[0].get("first") == "channel"
+    assert all(isinstance(item, dict) for item in items_b)  # no token on the Serve stream
+    assert reads_b[0] == reference[:1]  # the first token alone, not held for the 20 ms interval
+    assert [t for r in reads_b for t in r] == reference and [t for r in reads_a for t in r] == reference

@@ -184,3 +184,36 @@ def test_first_on_stream_batches(pushes, expected, batches):
             return out
 
     assert run(main()) == batches
+
+
+@pytest.mark.parametrize("pushes, expected, batches", [
+    ([("start", None), ("channel", [7])], 1, [[7]]),
+    ([("start", None), ("channel", [7]), ("channel", [8, 9])], 3, [[7], [8, 9]]),
+    ([("channel", [7]), ("start", None), ("channel", [8])], 2, [[7], [8]]),  # its frame overtook the start
+    ([("start", None)], 0, []),  # no output token
+], ids=["one", "first-frame-alone", "overtook-the-start", "empty"])
+def test_first_on_channel_batches(pushes, expected, batches):
+    """The start event says "first": "channel": the first channel frame is the first batch, read alone."""
+    async def main():
+        tokens = RunTokens("r", first_on_stream=True)
+        out = []
+        for source, ids in pushes:
+            if source == "start":
+                tokens.first_on_channel()
+            else:
+                tokens.push(ids)
+                if tokens.first or (tokens.first == () and tokens.tokens):  # read what is readable, as it comes
+                    out.append(await tokens.next_batch())
+        tokens.end(expected)
+        return out + await drain_batches(tokens)
+
+    assert run(main()) == batches
+
+
+async def drain_batches(tokens: RunTokens) -> list[list[int]]:
+    out = []
+    try:
+        while True:
+            out.append(await tokens.next_batch())
+    except StopAsyncIteration:
+        return out
