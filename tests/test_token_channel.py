@@ -18,13 +18,18 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, timeout=30))
 
 
-async def drain(tokens: RunTokens) -> list[int]:
+async def drain_batches(tokens: RunTokens) -> list[list[int]]:
+    """Every batch until the run ends, one list per read."""
     out = []
     try:
         while True:
-            out += await tokens.next_batch()
+            out.append(await tokens.next_batch())
     except StopAsyncIteration:
         return out
+
+
+async def drain(tokens: RunTokens) -> list[int]:
+    return [token for batch in await drain_batches(tokens) for token in batch]
 
 
 @pytest.mark.parametrize("chunks", [[b"all"], [b"byte"], [b"split-header"]], ids=["whole", "bytewise", "split"])
@@ -176,12 +181,7 @@ def test_first_on_stream_batches(pushes, expected, batches):
         for source, ids in pushes:
             (tokens.push_first if source == "first" else tokens.push)(ids)
         tokens.end(expected)
-        out = []
-        try:
-            while True:
-                out.append(await tokens.next_batch())
-        except StopAsyncIteration:
-            return out
+        return await drain_batches(tokens)
 
     assert run(main()) == batches
 
@@ -208,12 +208,3 @@ def test_first_on_channel_batches(pushes, expected, batches):
         return out + await drain_batches(tokens)
 
     assert run(main()) == batches
-
-
-async def drain_batches(tokens: RunTokens) -> list[list[int]]:
-    out = []
-    try:
-        while True:
-            out.append(await tokens.next_batch())
-    except StopAsyncIteration:
-        return out
