@@ -259,9 +259,9 @@ class OpenAIIngress:
             return err.response()
 
 
-# name -> default ("": unset unless set where the app is built)
-PROCESS_ENV = {"MALLOC_ARENA_MAX": "2", "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": ""}
 SEPARATE_THREAD = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
+# name -> default ("": unset unless set where the app is built)
+PROCESS_ENV = {"MALLOC_ARENA_MAX": "2", SEPARATE_THREAD: ""}
 
 
 def process_env(environ: Mapping[str, str]) -> dict[str, str]:

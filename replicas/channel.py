@@ -25,7 +25,7 @@ Timing (``Sink.push``): a frame goes out no sooner than ``interval_s`` after the
 sink (at once when that was longer ago), so one frame carries every token of every stream of that ingress
 produced in the meantime (interval 0: one frame per engine step, since every stream's consumer runs in the
 same event-loop turn after a step and the flush is scheduled behind them). A stream's first batch is never
-held back by the interval or by a connection not yet open: it comes here (``push_first``: a frame at once) only
+held back by the interval or by a connection not yet open: it comes here (``push_now``: a frame at once) only
 when the sink's connection is already up, else on the Serve stream right behind the start event
 (replicas/deployment.py). Tokens pushed before the ingress connected wait for it.
 
@@ -93,15 +93,26 @@ class Sink:
         self.closed = False  # its ingress connected and went away: nothing pushed here is read any more
 
 
-    def push(self, request_id: str, tokens: list[int]) -> None:
-        """Queue ``tokens`` of ``request_id`` and schedule the frame (see the module docstring)."""
+    @property
+    def connected(self) -> bool:
+        """Its ingress is connected: a flush writes a frame now."""
+        return self.transport is not None and not self.transport.is_closing()
+
+    def _queue(self, request_id: str, tokens: list[int]) -> bool:
+        """Add ``tokens`` to ``request_id``'s pending ones; False when nobody will read them (closed)."""
         if self.closed:
-            return
+            return False
         pending = self.pending.get(request_id)
         if pending is None:
             self.pending[request_id] = tokens
         else:
             pending += tokens
+        return True
+
+    def push(self, request_id: str, tokens: list[int]) -> None:
+        """Queue ``tokens`` of ``request_id`` and schedule the frame (see the module docstring)."""
+        if not self._queue(request_id, tokens):
+            return
         loop = asyncio.get_running_loop()
         due = self._last_flush + self.interval_s
         if self._timer is not None:
@@ -111,17 +122,18 @@ class Sink:
         self._timer_at = due
         self._timer = loop.call_at(due, self.flush) if due > loop.time() else loop.call_soon(self.flush)
 
-    def push_first(self, request_id: str, tokens: list[int]) -> None:
-        """A stream's first batch: sent at once (with whatever else is pending), never held for the interval."""
-        self.push(request_id, tokens)
-        self.flush()
+    def push_now(self, request_id: str, tokens: list[int]) -> None:
+        """Queue ``tokens`` and send them at once (with whatever else is pending), never held for the interval:
+        a stream's first batch, a held answer's tokens."""
+        if self._queue(request_id, tokens):
+            self.flush()
 
     def flush(self) -> None:
         """Send every pending token now (no-op while the ingress is not connected)."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self.pending or self.transport is None or self.transport.is_closing():
+        if not self.pending or not self.connected:
             return
         pending, self.pending = self.pending, {}
         self.transport.write(encode_frame(pending))

@@ -273,7 +273,7 @@ class LLMReplica:
                 # connection is up it goes on the channel at once (the ingress reads that on the loop that
                 # serves HTTP, sparing the Serve stream's hops between loops and processes); else on the Serve
                 # stream right behind the start event. The start event says which.
-                first_on_channel = sink.transport is not None and not sink.transport.is_closing()
+                first_on_channel = sink.connected
                 start = {"event": "start", "replica": self.replica_id, "channel": list(self.channel.address)}
                 if first_on_channel:
                     start["first"] = "channel"
@@ -282,7 +282,7 @@ class LLMReplica:
                 if first is not None:
                     times.append((rid, time.time()))
                     if first_on_channel:
-                        sink.push_first(rid, first)
+                        sink.push_now(rid, first)
                     else:
                         yield first
                     await self._to_channel(sink, rid, stream, batches, hold)
@@ -337,7 +337,7 @@ class LLMReplica:
                 async for batch in batches:
                     on_tokens(batch)
             if kept:
-                sink.push(rid, kept)
+                sink.push_now(rid, kept)
             sink.finish(rid)
         except BaseException:
             sink.drop(rid)  # cancelled or failed: the ingress reads nothing more of it

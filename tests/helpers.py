@@ -1,4 +1,5 @@
-"""One-line builders for engine tests: a scheduler with tiny block counts, a request, one checked step.
+"""One-line builders for engine tests: a scheduler with tiny block counts, a request, one checked step. And
+``drain_batches``, the token channel tests' reader.
 
 Defaults (8 blocks of 4 tokens, a 16-token budget) are small enough that every block and token count in a
 test can be worked out by hand.
@@ -64,3 +65,14 @@ def run_to_idle(sched: Scheduler, max_steps: int = 10_000) -> int:
             return n
         step(sched)
     raise AssertionError(f"scheduler still has work after {max_steps} steps: {list(sched.requests)}")
+
+
+async def drain_batches(tokens) -> list[list[int]]:
+    """Every batch of a deploy/channel.py ``RunTokens`` until its run ends, one list per read, as the ingress
+    reads them."""
+    out = []
+    try:
+        while True:
+            out.append(await tokens.next_batch())
+    except StopAsyncIteration:
+        return out

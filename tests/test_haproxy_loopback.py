@@ -64,13 +64,18 @@ def test_ray_template_still_has_the_wildcards_this_rewrites():
     assert "bind *:{{ config.stats_port }}" in template
 
 
+def runnable_config(frontends: str, stats: str) -> str:
+    """A config HAProxy accepts: defaults with timeouts, ``frontends`` (the last one ``http_frontend``) routed to
+    a backend with one server, and the ``stats`` section."""
+    return ("defaults\n    mode http\n    timeout connect 5s\n    timeout client 5s\n    timeout server 5s\n"
+            + frontends + "    default_backend b\nbackend b\n    server s1 127.0.0.1:30000\n" + stats)
+
+
 def test_the_wrapper_rewrites_and_runs_the_real_haproxy(tmp_path: Path):
     """The installed console script on a config HAProxy checks (-c): rewritten in place, accepted, exit 0."""
     config = tmp_path / "haproxy.cfg"
-    config.write_text("defaults\n    mode http\n    timeout connect 5s\n    timeout client 5s\n"
-                      "    timeout server 5s\n" + PROMETHEUS.replace("    mode http\n", "")
-                      + FRONTEND.format(host="127.0.0.1") + "    default_backend b\nbackend b\n"
-                      "    server s1 127.0.0.1:30000\n" + STATS)
+    config.write_text(runnable_config(PROMETHEUS.replace("    mode http\n", "") + FRONTEND.format(host="127.0.0.1"),
+                                      STATS))
     done = subprocess.run([ray_env.haproxy_binary(), "-c", "-f", str(config)], capture_output=True, text=True,
                           timeout=30)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -92,10 +97,8 @@ def test_haproxy_dies_with_the_process_that_started_it(tmp_path: Path):
     started through the wrapper with it, instead of leaving it running with its listeners."""
     port, stats = ray_env.free_port(), ray_env.free_port()
     config = tmp_path / "haproxy.cfg"
-    config.write_text("defaults\n    mode http\n    timeout connect 5s\n    timeout client 5s\n"
-                      "    timeout server 5s\n" + FRONTEND.replace("8000", str(port)).format(host="127.0.0.1")
-                      + "    default_backend b\nbackend b\n    server s1 127.0.0.1:1\n"
-                      + STATS.replace("8404", str(stats)))
+    config.write_text(runnable_config(FRONTEND.replace("8000", str(port)).format(host="127.0.0.1"),
+                                      STATS.replace("8404", str(stats))))
     starter = ("import subprocess, sys, time\n"
                f"p = subprocess.Popen([{ray_env.haproxy_binary()!r}, '-db', '-f', {str(config)!r}])\n"
                "print(p.pid, flush=True)\ntime.sleep(60)\n")

@@ -16,6 +16,7 @@ from halffull.deploy.protocol.completions import CompletionRequest
 from halffull.deploy.serving import GenerationServing
 from halffull.replicas.channel import TokenChannel
 from halffull.replicas.deployment import held
+from tests.helpers import drain_batches
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,6 +45,23 @@ def first_batch_ok(batch, reference) -> bool:
 def request(rid: str, **extra):
     return {"request_id": rid, "prompt_token_ids": list(range(300, 332)), "max_tokens": NUM_TOKENS,
             "ignore_eos": True, **extra}
+
+
+async def serve_stream(replica, client: ChannelClient, tokens, req: dict) -> list:
+    """Run ``req`` on ``replica`` and hand its Serve stream to ``tokens`` as the ingress does (deploy/run.py:
+    attach on the start event, the first batch where it says, the end event's count); the stream's items."""
+    items = []
+    async for item in replica.generate(req):
+        items.append(item)
+        if isinstance(item, list):
+            tokens.push_first(item)
+        elif item["event"] == "start":
+            if item.get("first") == "channel":
+                tokens.first_on_channel()
+            await client.attach(item["channel"], tokens)
+        elif item["event"] == "end":
+            tokens.end(item["num_output_tokens"])
+    return items
 
 
 async def reference_tokens(replica) -> list[int]:
@@ -75,22 +93,9 @@ def test_token_channel_path(monkeypatch, hold):
         replica = make_replica(monkeypatch, interval_ms=0.0)
         client = ChannelClient()
         tokens = client.register("r", first_on_stream=True)
-        first, end = None, None
-        async for item in replica.generate(request("r", sink=client.sink_id, hold=hold)):
-            if isinstance(item, list):
-                first = item
-                tokens.push_first(item)
-            elif item["event"] == "start":
-                await client.attach(item["channel"], tokens)
-            elif item["event"] == "end":
-                end = item
-                tokens.end(item["num_output_tokens"])
-        got = []
-        while True:
-            try:
-                got += await tokens.next_batch()
-            except StopAsyncIteration:
-                break
+        items = await serve_stream(replica, client, tokens, request("r", sink=client.sink_id, hold=hold))
+        first, end = items[1], items[-1]  # the first connection to this replica: the first batch on the stream
+        got = [t for batch in await drain_batches(tokens) for t in batch]
         frames = replica.channel.sink(client.sink_id).num_frames
         reference = await reference_tokens(replica)
         replica.channel.close()
@@ -167,28 +172,9 @@ def test_with_its_connection_up_the_first_batch_comes_on_the_channel_at_once(mon
         out = {}
         for rid in ("a", "b"):
             tokens = client.register(rid, first_on_stream=True)
-            items, reads = [], []
-
-            async def read(tokens=tokens, reads=reads):  # as the ingress does: each batch as it comes
-                while True:
-                    try:
-                        reads.append(await tokens.next_batch())
-                    except StopAsyncIteration:
-                        return
-
-            reader = asyncio.ensure_future(read())
-            async for item in replica.generate(request(rid, sink=client.sink_id, hold=hold)):
-                items.append(item)
-                if isinstance(item, list):
-                    tokens.push_first(item)
-                elif item["event"] == "start":
-                    if item.get("first") == "channel":
-                        tokens.first_on_channel()
-                    await client.attach(item["channel"], tokens)
-                elif item["event"] == "end":
-                    tokens.end(item["num_output_tokens"])
-            await reader
-            out[rid] = items, reads
+            reader = asyncio.ensure_future(drain_batches(tokens))  # each batch as it comes, as the ingress
+            items = await serve_stream(replica, client, tokens, request(rid, sink=client.sink_id, hold=hold))
+            out[rid] = items, await reader
         reference = await reference_tokens(replica)
         replica.channel.close()
         client.close()

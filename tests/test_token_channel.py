@@ -10,22 +10,13 @@ import pytest
 import halffull.deploy.channel as ingress_channel
 from halffull.deploy.channel import ChannelClient, ChannelError, RunTokens
 from halffull.replicas.channel import MAX_FRAME_BYTES, FrameDecoder, TokenChannel, encode_frame
+from tests.helpers import drain_batches
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, timeout=30))
-
-
-async def drain_batches(tokens: RunTokens) -> list[list[int]]:
-    """Every batch until the run ends, one list per read."""
-    out = []
-    try:
-        while True:
-            out.append(await tokens.next_batch())
-    except StopAsyncIteration:
-        return out
 
 
 async def drain(tokens: RunTokens) -> list[int]:
