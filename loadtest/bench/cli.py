@@ -10,6 +10,9 @@
                 N concurrent streams x T tokens, streamed and not, real-cadence and instant replicas,
                 halffull's router and Ray's default in the same run (targets: <= 0.1 ms per streamed token,
                 <= 0.05 non-streamed, TTFT-out median < 1 ms at 32 streams); loopback-only Ray cluster
+  bench engine  the simulated engine alone, one replica's share of bench stream's phases (same flags): tokens/s
+                and its CPU per token and per step, the part of bench stream's replica column that stands in
+                for the GPU engine's own work
 
 A benchmark is a module with ``cmd_bench(args) -> exit status`` and, if it takes flags, ``add_arguments(parser)``
 (they go on the one ``bench`` parser, so every benchmark accepts every flag); adding one is one line in
@@ -21,13 +24,14 @@ from __future__ import annotations
 import argparse
 from types import ModuleType
 
-from halffull.loadtest.bench import router, serve, sim, stream
+from halffull.loadtest.bench import engine, router, serve, sim, stream
 
 BENCHES: dict[str, ModuleType] = {
     "sim": sim,
     "router": router,
     "serve": serve,
     "stream": stream,
+    "engine": engine,
 }
 
 

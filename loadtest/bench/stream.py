@@ -191,11 +191,14 @@ def parse_answer(answer: Answer, stream: bool) -> None:
         answer.error = "error event"
 
 
+BENCH_PROMPT = "benchmark prompt with a few words in it"  # every request's (bench engine tokenizes it too)
+
+
 async def phase(ports: list[int], app: str, streams: int, tokens: int, stream: bool, timeout: float,
                 ramp_s: float = 0.0):
     """(answers, request ids, seconds) of ``streams`` concurrent completions of ``tokens`` tokens, spread
     round-robin over ``ports`` (the proxy's, or the ingress replicas' own with direct ingress)."""
-    body = {"model": "llama3-8b", "prompt": "benchmark prompt with a few words in it", "max_tokens": tokens,
+    body = {"model": "llama3-8b", "prompt": BENCH_PROMPT, "max_tokens": tokens,
             "ignore_eos": True, "stream": stream}
     if stream:
         body["stream_options"] = {"include_usage": True}
